@@ -1,0 +1,69 @@
+"""Exceptions raised by deqntk_dist.
+
+Every exception derives from :class:`DeqntkError` *and* from the builtin that a caller would
+naturally catch (``ValueError`` for bad input, ``ArithmeticError`` for numerical failure,
+``RuntimeError`` / ``OSError`` for store and runtime problems), in the style of zarr-python.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeqntkError",
+    "SpecError",
+    "InputError",
+    "FixedPointError",
+    "StoreError",
+    "StoreMismatchError",
+    "IncompleteStoreError",
+    "DatasetError",
+    "SolveError",
+]
+
+
+class DeqntkError(Exception):
+    """Base class of every error raised by deqntk_dist."""
+
+
+class SpecError(DeqntkError, ValueError):
+    """A kernel specification parameter is outside its valid region."""
+
+
+class InputError(DeqntkError, ValueError):
+    """An input array (shape, dtype, values) is not acceptable."""
+
+
+class FixedPointError(DeqntkError, ArithmeticError):
+    """A kernel fixed point did not converge (or does not exist) for some entries.
+
+    Attributes
+    ----------
+    entries : list of tuple
+        Up to 20 ``(row, col)`` indices (tile-local) of failing entries.
+    n_failed : int
+        Total number of failing entries.
+    """
+
+    def __init__(self, message: str, *, entries=(), n_failed: int = 0):
+        super().__init__(message)
+        self.entries = list(entries)
+        self.n_failed = int(n_failed)
+
+
+class StoreError(DeqntkError, RuntimeError):
+    """A dataset or kernel store is missing, unreadable or inconsistent."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """A store was reopened with a different spec, dataset, tile size or dtype."""
+
+
+class IncompleteStoreError(StoreError):
+    """A kernel store has tiles that are not (verifiably) done."""
+
+
+class DatasetError(DeqntkError, ValueError):
+    """A dataset file is missing, corrupt or inconsistent, or the dataset name is unknown."""
+
+
+class SolveError(DeqntkError, ArithmeticError):
+    """The regression stage failed (indefinite matrix, non-finite values, size mismatch)."""

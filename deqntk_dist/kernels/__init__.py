@@ -1,0 +1,74 @@
+"""Pure kernel maths: numpy arrays in, numpy arrays out (no dask, zarr or paths)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..spec import CDEQSpec, DEQSpec
+from .common import KernelResult, as_float_array
+
+__all__ = ["KernelResult", "kernel_matrix", "validate_inputs"]
+
+
+def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check X (and Y) against the spec; return float64 C-contiguous copies.
+
+    Raises
+    ------
+    InputError
+        Wrong type, ndim, empty, non-finite, or mismatched feature shapes.
+    """
+    if isinstance(spec, DEQSpec):
+        ndim, what = 2, "(n, d)"
+    elif isinstance(spec, CDEQSpec):
+        ndim, what = 4, "(n, H, W, C)"
+    else:
+        raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
+    X = as_float_array("X", X, ndim, what=what)
+    if Y is not None:
+        Y = as_float_array("Y", Y, ndim, what=what)
+        if Y.shape[1:] != X.shape[1:]:
+            raise InputError(
+                f"Y must have the same feature shape as X {X.shape[1:]}, got {Y.shape[1:]}"
+            )
+    if isinstance(spec, CDEQSpec):
+        H, W = X.shape[1:3]
+        if spec.filter_size > min(H, W):
+            raise InputError(
+                f"filter_size must be <= the image side min(H, W) = {min(H, W)}, "
+                f"got {spec.filter_size}"
+            )
+    return X, Y
+
+
+def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, **options) -> KernelResult:
+    """NTK and NNGP Gram block of a DEQ (or convolutional DEQ) between X and Y.
+
+    Parameters
+    ----------
+    spec : DEQSpec or CDEQSpec
+    X : array_like, shape (n, d) for DEQSpec or (n, H, W, C) for CDEQSpec
+    Y : array_like, optional
+        Same feature shape as X; ``None`` means ``Y = X`` (exactly symmetric result).
+    **options
+        Passed to the tile function (e.g. ``n_nodes`` for quadrature activations).
+
+    Returns
+    -------
+    KernelResult
+        ``ntk``, ``nngp``: float64 arrays of shape (len(X), len(Y or X)), with the
+        convergence report (``max_residual``, ``iterations``).
+
+    Raises
+    ------
+    InputError, SpecError, FixedPointError
+    """
+    X, Y = validate_inputs(spec, X, Y)
+    if isinstance(spec, DEQSpec):
+        from .fc import fc_kernel
+
+        return fc_kernel(spec, X, Y, **options)
+    from .conv import conv_kernel
+
+    return conv_kernel(spec, X, Y, **options)

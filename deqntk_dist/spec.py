@@ -1,0 +1,134 @@
+"""Kernel specifications: frozen, validated, serialisable to store attributes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import SpecError
+
+__all__ = ["ACTIVATIONS", "DEQSpec", "CDEQSpec", "spec_from_dict"]
+
+#: Activations with closed-form dual maps; the others use Gauss-Hermite quadrature.
+CLOSED_FORM_ACTIVATIONS = ("relu", "erf")
+QUADRATURE_ACTIVATIONS = ("tanh", "gelu")
+ACTIVATIONS = CLOSED_FORM_ACTIVATIONS + QUADRATURE_ACTIVATIONS
+
+
+def _check_variance(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise SpecError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class _BaseSpec:
+    sigma_w2: float
+    sigma_u2: float
+    sigma_b2: float = 0.0
+    activation: str = "relu"
+
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name in ("sigma_w2", "sigma_u2", "sigma_b2"):
+            object.__setattr__(self, name, _check_variance(name, getattr(self, name)))
+        if self.activation not in ACTIVATIONS:
+            raise SpecError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.sigma_u2 == 0 and self.sigma_b2 == 0:
+            raise SpecError(
+                "sigma_u2 + sigma_b2 must be > 0 (with sigma_u2 = sigma_b2 = 0 the kernel is "
+                "identically zero), got sigma_u2=0.0, sigma_b2=0.0"
+            )
+        if self.activation == "relu" and self.sigma_w2 >= 2:
+            raise SpecError(
+                "sigma_w2 must satisfy 0 <= sigma_w2 < 2 for the ReLU DEQ fixed point to exist "
+                f"and be unique (the layer map is a contraction with factor sigma_w2/2), "
+                f"got sigma_w2={self.sigma_w2!r}"
+            )
+        if self.sigma_u2 == 0:
+            warnings.warn(
+                "sigma_u2 = 0: the kernel ignores the input (it is a constant)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict, including ``kind`` for :func:`spec_from_dict`."""
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        data = dict(data)
+        kind = data.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise SpecError(f"spec kind must be {cls.kind!r} for {cls.__name__}, got {kind!r}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SpecError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DEQSpec(_BaseSpec):
+    """Fully-connected deep equilibrium model (DEQ-NTK), DESIGN.md §1.1.
+
+    Parameters
+    ----------
+    sigma_w2, sigma_u2, sigma_b2 : float
+        Weight, input-injection and bias variances.
+    activation : {"relu", "erf", "tanh", "gelu"}
+        ReLU and erf use closed-form dual maps, the others Gauss-Hermite quadrature.
+    """
+
+    kind: ClassVar[str] = "deq"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CDEQSpec(_BaseSpec):
+    """Convolutional deep equilibrium model (CDEQ-NTK), DESIGN.md §1.2.
+
+    Parameters
+    ----------
+    sigma_w2, sigma_u2, sigma_b2 : float
+        Weight, input-injection and bias variances.
+    filter_size : int
+        Odd filter side k (SAME zero padding), default 3.
+    readout : {"flatten", "gap"}
+        ``flatten`` averages offset-0 pixel pairs; ``gap`` averages all pixel pairs.
+    activation : str
+        As for :class:`DEQSpec`.
+    """
+
+    filter_size: int = 3
+    readout: str = "flatten"
+
+    kind: ClassVar[str] = "cdeq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        k = self.filter_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise SpecError(f"filter_size must be an odd integer >= 1, got {k!r}")
+        if self.readout not in ("flatten", "gap"):
+            raise SpecError(f"readout must be 'flatten' or 'gap', got {self.readout!r}")
+
+
+_KINDS = {DEQSpec.kind: DEQSpec, CDEQSpec.kind: CDEQSpec}
+
+
+def spec_from_dict(data: dict[str, Any]) -> DEQSpec | CDEQSpec:
+    """Rebuild a spec from :meth:`to_dict` output, dispatching on ``kind``."""
+    kind = data.get("kind")
+    if kind not in _KINDS:
+        raise SpecError(f"spec kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    return _KINDS[kind].from_dict(data)
