@@ -8,7 +8,7 @@ from ..errors import InputError
 from ..spec import CDEQSpec, DEQSpec
 from .common import KernelResult, as_float_array
 
-__all__ = ["KernelResult", "kernel_matrix", "validate_inputs"]
+__all__ = ["KernelResult", "kernel_matrix", "self_covariance", "validate_inputs"]
 
 
 def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -72,3 +72,23 @@ def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, **options) -> KernelResul
     from .conv import conv_kernel
 
     return conv_kernel(spec, X, Y, **options)
+
+
+def self_covariance(spec: DEQSpec | CDEQSpec, X) -> np.ndarray:
+    """Per-example self-covariance fixed points, computed once per dataset (O(N)).
+
+    Returns
+    -------
+    ndarray
+        Shape (n,) for DEQSpec (``Sigma*(x, x)``); for CDEQSpec the per-pixel diagonal
+        ``Sigma*(x, x)_{ii}`` of shape (n, H, W).  Pass slices of it to
+        ``kernel_matrix(spec, X, Y, self_x=..., self_y=...)`` for a CDEQ tile.
+    """
+    X, _ = validate_inputs(spec, X)
+    if isinstance(spec, DEQSpec):
+        from .fc import self_covariance as fc_self
+
+        return fc_self(spec, X)
+    from .conv import conv_self_covariance
+
+    return conv_self_covariance(spec, X)
