@@ -1,5 +1,6 @@
 """deqntk_dist: NTK / NNGP Gram matrices of infinitely deep equilibrium models, tiled on Dask."""
 
+from .dataset import open_dataset_store, write_dataset_store
 from .errors import (
     DatasetError,
     DeqntkError,
@@ -13,6 +14,7 @@ from .errors import (
 )
 from .kernels import KernelResult, kernel_matrix
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
+from .store import open_kernel_store
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,9 @@ __all__ = [
     "StoreError",
     "StoreMismatchError",
     "kernel_matrix",
+    "open_dataset_store",
+    "open_kernel_store",
     "spec_from_dict",
+    "write_dataset_store",
     "__version__",
 ]

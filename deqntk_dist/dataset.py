@@ -1,0 +1,299 @@
+"""Dataset store: the input rows of a kernel store, as a zarr v3 group (DESIGN.md §3).
+
+Layout
+------
+``x``  float32, shape (N, D) or (N, H, W, C), row chunks, no compression.
+``y``  int64, shape (N,).
+attrs  ``format`` ("deqntk-dataset"), ``format_version``, ``name``, ``n_train``, ``n_test``,
+       ``preprocessing`` (dict), ``source`` (dict), ``fingerprint`` (blake2b of shape, n_train,
+       x bytes and y bytes).
+
+Train rows come first, then test rows.  A store is written to a temporary directory next to
+its destination and renamed into place, so it is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import DatasetError, StoreError
+
+__all__ = [
+    "DATASET_FORMAT",
+    "DATASET_FORMAT_VERSION",
+    "DatasetStore",
+    "dataset_fingerprint",
+    "dataset_store_from_file",
+    "open_dataset_store",
+    "write_dataset_store",
+]
+
+DATASET_FORMAT = "deqntk-dataset"
+DATASET_FORMAT_VERSION = 1
+#: Target bytes per ``x`` chunk (row chunks).
+_X_CHUNK_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetStore:
+    """An opened dataset store (read-only view).
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the zarr group.
+    x : zarr.Array
+        Inputs, float32, shape (n, *feature_shape).
+    y : ndarray, shape (n,), int64
+        Labels of all rows (train rows first).
+    n, n_train, n_test : int
+    name, fingerprint : str
+    attrs : dict
+        All group attributes.
+    """
+
+    path: str
+    x: zarr.Array = field(repr=False)
+    y: np.ndarray = field(repr=False)
+    n: int
+    n_train: int
+    n_test: int
+    name: str
+    fingerprint: str
+    attrs: dict = field(repr=False)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one example: ``(D,)`` or ``(H, W, C)``."""
+        return tuple(self.x.shape[1:])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``x`` as a float32 ndarray of shape (stop-start, ...)."""
+        if not (0 <= start <= stop <= self.n):
+            raise DatasetError(
+                f"row range must satisfy 0 <= start <= stop <= n = {self.n}, got [{start}, {stop})"
+            )
+        return np.asarray(self.x[start:stop], dtype=np.float32)
+
+
+def dataset_fingerprint(x: np.ndarray, y: np.ndarray, n_train: int) -> str:
+    """Content fingerprint (blake2b-128 hex) of float32 ``x``, int64 ``y`` and ``n_train``."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{DATASET_FORMAT}:{x.shape}:{n_train}".encode())
+    x = np.ascontiguousarray(x, dtype="<f4")
+    step = max(1, (64 * 2**20) // max(1, x[:1].nbytes))
+    for i in range(0, x.shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(x[i : i + step])).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(y, dtype="<i8")).cast("B"))
+    return h.hexdigest()
+
+
+def _validate(x, y, n_train, name) -> tuple[np.ndarray, np.ndarray, int]:
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu" or x.dtype == bool:
+        raise DatasetError(f"x must be a real numeric array, got dtype {x.dtype}")
+    if x.ndim not in (2, 4):
+        raise DatasetError(f"x must have shape (N, D) or (N, H, W, C), got shape {x.shape}")
+    if x.shape[0] == 0 or x.size == 0:
+        raise DatasetError(f"x must be non-empty, got shape {x.shape}")
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x32).all():
+        bad = int(np.argwhere(~np.isfinite(x32.reshape(x32.shape[0], -1)))[0, 0])
+        raise DatasetError(f"x must be finite (in float32); row {bad} holds NaN or inf")
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DatasetError(f"y must have shape ({x.shape[0]},) to match x, got {y.shape}")
+    if y.dtype.kind not in "iu" and not (
+        y.dtype.kind == "f" and np.isfinite(y).all() and np.all(y == np.round(y))
+    ):
+        raise DatasetError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if isinstance(n_train, bool) or not isinstance(n_train, int | np.integer):
+        raise DatasetError(f"n_train must be an integer, got {n_train!r}")
+    n_train = int(n_train)
+    if not 1 <= n_train <= x.shape[0]:
+        raise DatasetError(f"n_train must satisfy 1 <= n_train <= N = {x.shape[0]}, got {n_train}")
+    if not isinstance(name, str) or not name:
+        raise DatasetError(f"name must be a non-empty string, got {name!r}")
+    return x32, y.astype(np.int64), n_train
+
+
+def write_dataset_store(
+    path,
+    x,
+    y,
+    *,
+    n_train: int,
+    name: str,
+    preprocessing: dict | None = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> DatasetStore:
+    """Write a dataset store (atomically: temp directory, then rename).
+
+    Parameters
+    ----------
+    path : str or Path
+        Destination directory of the zarr group.
+    x : array_like, shape (N, D) or (N, H, W, C)
+        Inputs, stored as float32 (train rows first, then test rows).
+    y : array_like, shape (N,)
+        Integer labels.
+    n_train : int
+        Number of leading training rows, ``1 <= n_train <= N``.
+    name : str
+        Dataset name (e.g. "fashion-mnist").
+    preprocessing, source : dict, optional
+        JSON-serialisable descriptions kept in the attributes.
+    overwrite : bool
+        Replace an existing store at ``path``.
+
+    Returns
+    -------
+    DatasetStore
+
+    Raises
+    ------
+    DatasetError
+        Bad arrays or arguments.
+    StoreError
+        ``path`` exists and ``overwrite`` is false, or it cannot be written.
+    """
+    x32, y64, n_train = _validate(x, y, n_train, name)
+    dest = Path(path).absolute()
+    if dest.exists() and not overwrite:
+        raise StoreError(f"dataset store path already exists (pass overwrite=True): {dest}")
+    if not dest.parent.is_dir():
+        raise StoreError(f"parent directory of the dataset store does not exist: {dest.parent}")
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    attrs: dict[str, Any] = {
+        "format": DATASET_FORMAT,
+        "format_version": DATASET_FORMAT_VERSION,
+        "name": name,
+        "n_train": n_train,
+        "n_test": int(x32.shape[0] - n_train),
+        "preprocessing": dict(preprocessing or {}),
+        "source": dict(source or {}),
+        "fingerprint": dataset_fingerprint(x32, y64, n_train),
+    }
+    try:
+        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        row_bytes = max(1, x32[:1].nbytes)
+        rows = int(max(1, min(x32.shape[0], _X_CHUNK_BYTES // row_bytes)))
+        xa = root.create_array(
+            "x",
+            shape=x32.shape,
+            dtype="float32",
+            chunks=(rows, *x32.shape[1:]),
+            compressors=None,
+        )
+        xa[...] = x32
+        ya = root.create_array("y", shape=y64.shape, dtype="int64", chunks=y64.shape)
+        ya[...] = y64
+        root.attrs.update(attrs)
+        if dest.exists():
+            trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(dest, trash)
+            os.rename(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except OSError as exc:
+        raise StoreError(f"cannot write dataset store {dest}: {exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open_dataset_store(dest)
+
+
+def open_dataset_store(path) -> DatasetStore:
+    """Open a dataset store written by :func:`write_dataset_store`.
+
+    Raises
+    ------
+    StoreError
+        The path does not exist or is not a deqntk dataset store.
+    """
+    p = Path(path).absolute()
+    if not p.exists():
+        raise StoreError(f"dataset store not found: {p}")
+    try:
+        root = zarr.open_group(str(p), mode="r")
+    except Exception as exc:
+        raise StoreError(f"not a zarr group (dataset store expected): {p}: {exc}") from exc
+    attrs = dict(root.attrs)
+    if attrs.get("format") != DATASET_FORMAT:
+        raise StoreError(
+            f"not a deqntk dataset store (attrs['format'] must be {DATASET_FORMAT!r}, "
+            f"got {attrs.get('format')!r}): {p}"
+        )
+    if int(attrs.get("format_version", -1)) > DATASET_FORMAT_VERSION:
+        raise StoreError(
+            f"dataset store format_version {attrs.get('format_version')} is newer than this "
+            f"software supports ({DATASET_FORMAT_VERSION}): {p}"
+        )
+    try:
+        x = root["x"]
+        y = np.asarray(root["y"][...], dtype=np.int64)
+    except Exception as exc:
+        raise StoreError(f"dataset store {p} is missing or has unreadable x / y: {exc}") from exc
+    return DatasetStore(
+        path=str(p),
+        x=x,
+        y=y,
+        n=int(x.shape[0]),
+        n_train=int(attrs["n_train"]),
+        n_test=int(attrs["n_test"]),
+        name=str(attrs["name"]),
+        fingerprint=str(attrs["fingerprint"]),
+        attrs=attrs,
+    )
+
+
+def dataset_store_from_file(
+    src, path, *, n_train: int | None = None, name: str | None = None, overwrite: bool = False
+) -> DatasetStore:
+    """Write a dataset store from an ``.npz`` (keys ``x``, ``y``, optional ``n_train``) file.
+
+    An ``.npy`` file holds ``x`` only; the labels are then all zero.  ``n_train`` defaults
+    to the file's ``n_train`` entry, else all rows.
+    """
+    src = Path(src)
+    if not src.is_file():
+        raise DatasetError(f"dataset file not found: {src}")
+    try:
+        if src.suffix == ".npy":
+            x = np.load(src, allow_pickle=False)
+            y = np.zeros(len(x), dtype=np.int64)
+            stored_n_train = None
+        else:
+            with np.load(src, allow_pickle=False) as f:
+                if "x" not in f or "y" not in f:
+                    raise DatasetError(
+                        f"npz dataset must hold arrays 'x' and 'y', got {sorted(f.files)}: {src}"
+                    )
+                x, y = f["x"], f["y"]
+                stored_n_train = int(f["n_train"]) if "n_train" in f else None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"cannot read dataset file {src}: {exc}") from exc
+    if n_train is None:
+        n_train = stored_n_train if stored_n_train is not None else len(x)
+    return write_dataset_store(
+        path,
+        x,
+        y,
+        n_train=n_train,
+        name=name or src.stem,
+        source={"file": str(src.absolute())},
+        overwrite=overwrite,
+    )

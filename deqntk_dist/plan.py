@@ -1,0 +1,115 @@
+"""Tiling plan of a symmetric N x N Gram: the tile grid and the upper-triangle tiles.
+
+The plan is a pure, serialisable value: it knows nothing of stores, dask or data.  Tile
+``(I, J)`` covers rows ``[I*tile, min((I+1)*tile, n))`` and the same range of columns for
+``J``.  Only tiles with ``I <= J`` are computed; each also fills its mirror ``(J, I)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import InputError
+
+__all__ = ["TilePlan", "choose_tile", "TILE_ALIGN", "BYTES_PER_TILE_ENTRY"]
+
+#: Tiles larger than this are rounded down to a multiple of it (the Gram GEMM block).
+TILE_ALIGN = 512
+#: Peak worker bytes per tile entry: float64 Gram + ntk + nngp + residual scratch
+#: (4 x 8 bytes) plus the cast and transposed store copies of two kernels (4 x 4 bytes).
+BYTES_PER_TILE_ENTRY = 48
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TilePlan:
+    """The tile grid of an ``n x n`` symmetric Gram.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows (and columns), >= 1.
+    tile : int
+        Tile side, >= 1 (the last tile of a row may be smaller).
+    """
+
+    n: int
+    tile: int
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+        _check_int("tile", self.tile, 1)
+
+    @property
+    def n_blocks(self) -> int:
+        """Tiles per side, ``ceil(n / tile)``."""
+        return -(-self.n // self.tile)
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of computed (upper-triangle) tiles, ``nb (nb + 1) / 2``."""
+        nb = self.n_blocks
+        return nb * (nb + 1) // 2
+
+    def bounds(self, block: int) -> tuple[int, int]:
+        """Row range ``(start, stop)`` of row block ``block``."""
+        if not 0 <= block < self.n_blocks:
+            raise InputError(f"block must satisfy 0 <= block < {self.n_blocks}, got {block}")
+        start = block * self.tile
+        return start, min(start + self.tile, self.n)
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """All tiles ``(I, J)`` with ``I <= J``, row-major.
+
+        Consecutive tiles share their row block ``I``, so a worker that runs neighbours
+        re-uses the rows it has just read.
+        """
+        nb = self.n_blocks
+        return [(i, j) for i in range(nb) for j in range(i, nb)]
+
+    def entries(self, tile: tuple[int, int]) -> int:
+        """Kernel entries a tile fills in the store (its own and its mirror's)."""
+        i, j = tile
+        r0, r1 = self.bounds(i)
+        c0, c1 = self.bounds(j)
+        return (r1 - r0) * (c1 - c0) * (1 if i == j else 2)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TilePlan:
+        return cls(n=int(data["n"]), tile=int(data["tile"]))
+
+
+def choose_tile(n: int, memory_budget: int, *, align: int = TILE_ALIGN) -> int:
+    """Largest tile side whose working set fits ``memory_budget`` bytes of one worker.
+
+    The side is a multiple of ``align`` when that is possible (whole Gram GEMM blocks),
+    never more than ``n`` and at least ``min(n, 64)``.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows of the Gram.
+    memory_budget : int
+        Bytes one tile may use on a worker.
+
+    Returns
+    -------
+    int
+    """
+    n = _check_int("n", n, 1)
+    memory_budget = _check_int("memory_budget", memory_budget, 1)
+    side = int(math.isqrt(memory_budget // BYTES_PER_TILE_ENTRY))
+    if side >= n:
+        return n
+    if side >= align:
+        side -= side % align
+    return max(min(n, 64), side)

@@ -1,0 +1,616 @@
+"""Kernel store: a symmetric N x N Gram in a zarr v3 group, with a per-tile ledger.
+
+Layout (DESIGN.md §3; all paths relative to the group)
+------------------------------------------------------
+``ntk``, ``nngp``       (N, N) float32 or float64, chunks (tile, tile), no compression,
+                        fill value NaN (an unwritten chunk reads as NaN, never as zeros).
+``labels``              (N,) int64 copy of the dataset's ``y`` (train rows first).
+``ledger/<field>``      (nb, nb) on the tile grid, chunks (1, 1) so every tile writes its own
+                        ledger files: ``done`` (bool), ``checksum`` (uint32 crc32 of the
+                        chunk's values as written, C order little-endian), ``max_residual``,
+                        ``iterations``, ``seconds`` (compute time of the tile), ``finished``
+                        (unix time).  Tile (I, J), I <= J, writes entries [I, J] and [J, I]
+                        (the mirror's own checksum), ``done`` last and only after the data.
+``aux/self_cov``        CDEQ only: per-example self-covariances (N, H, W) float64, computed
+                        once before the tiles; ``aux/self_cov_done`` (row chunks) flags.
+attrs                   ``format`` "deqntk-kernel-store", ``format_version``, ``spec``,
+                        ``dataset`` {path, fingerprint, n, n_train, name}, ``tile``, ``dtype``,
+                        ``kernels``, ``options``, ``software`` {name, version}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .dataset import DatasetStore, open_dataset_store
+from .errors import IncompleteStoreError, InputError, StoreError, StoreMismatchError
+from .plan import TilePlan
+from .spec import CDEQSpec, DEQSpec, spec_from_dict
+
+__all__ = [
+    "KERNEL_FORMAT",
+    "KERNEL_FORMAT_VERSION",
+    "KERNEL_NAMES",
+    "LEDGER_FIELDS",
+    "KernelStore",
+    "checksum",
+    "create_kernel_store",
+    "open_kernel_store",
+    "verify_kernel_store",
+]
+
+KERNEL_FORMAT = "deqntk-kernel-store"
+KERNEL_FORMAT_VERSION = 1
+KERNEL_NAMES = ("ntk", "nngp")
+DTYPES = ("float32", "float64")
+#: ledger field -> (dtype, fill value); ``done`` is written last.
+LEDGER_FIELDS: dict[str, tuple[str, Any]] = {
+    "checksum": ("uint32", 0),
+    "max_residual": ("float64", math.nan),
+    "iterations": ("int32", -1),
+    "seconds": ("float64", math.nan),
+    "finished": ("float64", math.nan),
+    "done": ("bool", False),
+}
+#: rows per chunk of the auxiliary per-example arrays
+AUX_ROWS = 1024
+
+
+def checksum(values: np.ndarray) -> int:
+    """crc32 of an array's values in C order (the bytes a chunk holds as written)."""
+    a = np.ascontiguousarray(values)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return zlib.crc32(memoryview(a).cast("B"))
+
+
+def _software() -> dict[str, str]:
+    from . import __version__
+
+    return {"name": "deqntk_dist", "version": __version__}
+
+
+class KernelStore:
+    """An opened kernel store: metadata, reader API and (when writable) tile writes.
+
+    Use :func:`open_kernel_store` to read a store and :func:`create_kernel_store` to make
+    one.  Attributes: ``path``, ``spec``, ``n``, ``n_train``, ``n_test``, ``tile``,
+    ``dtype``, ``kernels``, ``dataset_path``, ``plan`` (:class:`~deqntk_dist.plan.TilePlan`),
+    ``attrs``.
+    """
+
+    def __init__(self, path: Path, root: zarr.Group, *, writable: bool):
+        self.path = str(path)
+        self._root = root
+        self.writable = writable
+        attrs = dict(root.attrs)
+        self.attrs = attrs
+        self.spec: DEQSpec | CDEQSpec = spec_from_dict(attrs["spec"])
+        ds = attrs["dataset"]
+        self.n = int(ds["n"])
+        self.n_train = int(ds["n_train"])
+        self.n_test = self.n - self.n_train
+        self.dataset_path = str(ds["path"])
+        self.dataset_fingerprint = str(ds["fingerprint"])
+        self.tile = int(attrs["tile"])
+        self.dtype = np.dtype(attrs["dtype"])
+        self.kernels = tuple(attrs["kernels"])
+        self.options = dict(attrs.get("options") or {})
+        self.plan = TilePlan(n=self.n, tile=self.tile)
+
+    def __repr__(self) -> str:
+        return (
+            f"KernelStore({self.path!r}, kernels={self.kernels}, n={self.n}, tile={self.tile}, "
+            f"dtype={self.dtype.name})"
+        )
+
+    # ------------------------------------------------------------------------ reading
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array ``name`` ("ntk" or "nngp"), shape (n, n)."""
+        if name not in self.kernels:
+            raise InputError(f"kernel name must be one of {self.kernels}, got {name!r}")
+        return self._root[name]
+
+    def to_dask(self, name: str):
+        """``name`` as a ``dask.array`` with one block per tile (lazy, read on compute)."""
+        import dask.array as da
+
+        return da.from_zarr(self.array(name))
+
+    def block(self, name: str, rows: slice, cols: slice, *, check: bool = True) -> np.ndarray:
+        """Entries ``K[rows, cols]`` as an ndarray of the store dtype.
+
+        Parameters
+        ----------
+        name : {"ntk", "nngp"}
+        rows, cols : slice
+            Contiguous ranges (step 1).
+        check : bool
+            Raise :class:`IncompleteStoreError` if a tile under the block is not done.
+        """
+        arr = self.array(name)
+        r0, r1 = _slice_range("rows", rows, self.n)
+        c0, c1 = _slice_range("cols", cols, self.n)
+        if check and r1 > r0 and c1 > c0:
+            t = self.tile
+            done = self._ledger("done")[r0 // t : -(-r1 // t), c0 // t : -(-c1 // t)]
+            if not done.all():
+                bi, bj = np.argwhere(~done)[0]
+                raise IncompleteStoreError(
+                    f"{self.path}: block rows [{r0}, {r1}) x cols [{c0}, {c1}) of {name!r} "
+                    f"covers tiles that are not done, e.g. ({r0 // t + bi}, {c0 // t + bj}); "
+                    "run `deqntk compute` again to finish the store"
+                )
+        return np.asarray(arr[r0:r1, c0:c1])
+
+    def train_train(self, name: str = "ntk") -> np.ndarray:
+        """``K[:n_train, :n_train]``, shape (n_train, n_train)."""
+        return self.block(name, slice(0, self.n_train), slice(0, self.n_train))
+
+    def test_train(self, name: str = "ntk") -> np.ndarray:
+        """``K[n_train:, :n_train]``, shape (n_test, n_train)."""
+        return self.block(name, slice(self.n_train, self.n), slice(0, self.n_train))
+
+    def test_test(self, name: str = "ntk") -> np.ndarray:
+        """``K[n_train:, n_train:]``, shape (n_test, n_test)."""
+        return self.block(name, slice(self.n_train, self.n), slice(self.n_train, self.n))
+
+    def labels(self) -> np.ndarray:
+        """int64 labels of all n rows (train rows first), shape (n,)."""
+        return np.asarray(self._root["labels"][...], dtype=np.int64)
+
+    def dataset(self) -> DatasetStore:
+        """Open the dataset store this kernel store was computed from."""
+        return open_dataset_store(self.dataset_path)
+
+    def self_covariance(self) -> np.ndarray | None:
+        """The stored CDEQ self-covariances, shape (n, H, W), or None for DEQ stores."""
+        if "aux" not in self._root or "self_cov" not in self._root["aux"]:
+            return None
+        return np.asarray(self._root["aux/self_cov"][...])
+
+    # ------------------------------------------------------------------------- ledger
+    def _ledger(self, field: str) -> np.ndarray:
+        return np.asarray(self._root[f"ledger/{field}"][...])
+
+    def ledger(self) -> dict[str, np.ndarray]:
+        """All ledger arrays, each of shape (nb, nb) on the tile grid."""
+        return {f: self._ledger(f) for f in LEDGER_FIELDS}
+
+    def missing_tiles(self) -> list[tuple[int, int]]:
+        """Upper-triangle tiles ``(I, J)`` not marked done, in plan order."""
+        done = self._ledger("done")
+        return [(i, j) for i, j in self.plan.tiles() if not done[i, j]]
+
+    def is_complete(self) -> bool:
+        """True when every tile is marked done (see :func:`verify_kernel_store`)."""
+        return not self.missing_tiles()
+
+    def status(self) -> dict[str, Any]:
+        """Progress summary.
+
+        Returns
+        -------
+        dict
+            ``tiles_done``, ``tiles_total``, ``entries_done``, ``entries_total``,
+            ``complete``, ``max_residual``, ``max_iterations``, ``tile_seconds`` (sum),
+            ``entries_per_second`` (wall-clock rate over the finished tiles' time span) and
+            ``eta_seconds`` (remaining entries at that rate; None when unknown).
+        """
+        led = self.ledger()
+        tiles = self.plan.tiles()
+        done = [t for t in tiles if led["done"][t]]
+        entries_total = self.n * self.n
+        entries_done = sum(self.plan.entries(t) for t in done)
+        out: dict[str, Any] = {
+            "path": self.path,
+            "kernels": list(self.kernels),
+            "n": self.n,
+            "tile": self.tile,
+            "dtype": self.dtype.name,
+            "tiles_done": len(done),
+            "tiles_total": len(tiles),
+            "entries_done": int(entries_done),
+            "entries_total": int(entries_total),
+            "complete": len(done) == len(tiles),
+            "max_residual": None,
+            "max_iterations": None,
+            "tile_seconds": 0.0,
+            "entries_per_second": None,
+            "eta_seconds": 0.0 if len(done) == len(tiles) else None,
+        }
+        if done:
+            idx = tuple(np.array(done).T)
+            res = led["max_residual"][idx]
+            out["max_residual"] = float(np.nanmax(res)) if np.isfinite(res).any() else None
+            out["max_iterations"] = int(led["iterations"][idx].max())
+            secs = led["seconds"][idx]
+            out["tile_seconds"] = float(np.nansum(secs))
+            fin = led["finished"][idx]
+            span = float(np.nanmax(fin) - np.nanmin(fin - secs)) if np.isfinite(fin).any() else 0
+            if span > 0:
+                rate = entries_done / span
+                out["entries_per_second"] = rate
+                if not out["complete"]:
+                    out["eta_seconds"] = (entries_total - entries_done) / rate
+        return out
+
+    # ------------------------------------------------------------------------ writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"kernel store opened read-only: {self.path}")
+
+    def write_tile(
+        self,
+        i: int,
+        j: int,
+        values: dict[str, np.ndarray],
+        *,
+        max_residual: float,
+        iterations: int,
+        seconds: float,
+    ) -> dict[str, int]:
+        """Write tile ``(i, j)`` (``i <= j``), its mirror, then its ledger entries.
+
+        Parameters
+        ----------
+        i, j : int
+            Tile indices with ``i <= j``.
+        values : dict
+            Kernel name -> float64 ndarray of shape (rows of block i, rows of block j);
+            every kernel of the store must be present.
+        max_residual, iterations, seconds : float, int, float
+            Convergence report and compute time, recorded in the ledger.
+
+        Returns
+        -------
+        dict
+            ``{"checksum": crc of chunk (i, j), "mirror_checksum": crc of chunk (j, i)}``
+            (the crc32 over all kernels' chunks, in ``kernels`` order).
+        """
+        self._require_writable()
+        if not 0 <= i <= j < self.plan.n_blocks:
+            raise InputError(
+                f"tile must satisfy 0 <= i <= j < {self.plan.n_blocks}, got ({i}, {j})"
+            )
+        r0, r1 = self.plan.bounds(i)
+        c0, c1 = self.plan.bounds(j)
+        crc = crc_m = 0
+        for name in self.kernels:
+            block = values[name]
+            if block.shape != (r1 - r0, c1 - c0):
+                raise InputError(
+                    f"tile ({i}, {j}) {name} must have shape {(r1 - r0, c1 - c0)}, "
+                    f"got {block.shape}"
+                )
+            cast = np.ascontiguousarray(block, dtype=self.dtype)
+            arr = self._root[name]
+            arr[r0:r1, c0:c1] = cast
+            crc = zlib.crc32(memoryview(cast).cast("B"), crc)
+            if i != j:
+                mirror = np.ascontiguousarray(cast.T)
+                arr[c0:c1, r0:r1] = mirror
+                crc_m = zlib.crc32(memoryview(mirror).cast("B"), crc_m)
+        if i == j:
+            crc_m = crc
+        entries = {
+            "checksum": (crc, crc_m),
+            "max_residual": (max_residual, max_residual),
+            "iterations": (iterations, iterations),
+            "seconds": (seconds, seconds),
+            "finished": (time.time(),) * 2,
+            "done": (True, True),
+        }
+        # the data is in place: now the ledger, ``done`` last, the mirror's entry first
+        for field, (upper, lower) in entries.items():
+            arr = self._root[f"ledger/{field}"]
+            if i != j:
+                arr[j, i] = lower
+            arr[i, j] = upper
+        return {"checksum": int(crc), "mirror_checksum": int(crc_m)}
+
+    def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
+        """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""
+        self._require_writable()
+        if start % AUX_ROWS or not (stop == min(start + AUX_ROWS, self.n)):
+            raise InputError(
+                f"self-covariance rows must be one aux chunk [k*{AUX_ROWS}, "
+                f"min((k+1)*{AUX_ROWS}, n)), got [{start}, {stop})"
+            )
+        self._root["aux/self_cov"][start:stop] = values
+        self._root["aux/self_cov_done"][start // AUX_ROWS] = True
+
+    def self_covariance_missing(self) -> list[tuple[int, int]]:
+        """Row chunks ``(start, stop)`` of ``aux/self_cov`` not yet written (CDEQ only)."""
+        if "aux" not in self._root:
+            return []
+        flags = np.asarray(self._root["aux/self_cov_done"][...])
+        return [
+            (k * AUX_ROWS, min((k + 1) * AUX_ROWS, self.n))
+            for k in range(flags.shape[0])
+            if not flags[k]
+        ]
+
+    def self_covariance_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of the stored self-covariances, float64 (rows, H, W)."""
+        return np.asarray(self._root["aux/self_cov"][start:stop])
+
+
+def _slice_range(name: str, s: slice, n: int) -> tuple[int, int]:
+    if not isinstance(s, slice):
+        raise InputError(f"{name} must be a slice, got {type(s).__name__}")
+    start, stop, step = s.indices(n)
+    if step != 1:
+        raise InputError(f"{name} must be a contiguous slice (step 1), got step {step}")
+    return start, max(start, stop)
+
+
+def _open_group(path: Path, *, writable: bool) -> zarr.Group:
+    if not path.exists():
+        raise StoreError(f"kernel store not found: {path}")
+    try:
+        root = zarr.open_group(str(path), mode="r+" if writable else "r")
+    except Exception as exc:
+        raise StoreError(f"not a zarr group (kernel store expected): {path}: {exc}") from exc
+    fmt = root.attrs.get("format")
+    if fmt != KERNEL_FORMAT:
+        raise StoreError(
+            f"not a deqntk kernel store (attrs['format'] must be {KERNEL_FORMAT!r}, "
+            f"got {fmt!r}): {path}"
+        )
+    version = int(root.attrs.get("format_version", -1))
+    if version > KERNEL_FORMAT_VERSION:
+        raise StoreError(
+            f"kernel store format_version {version} is newer than this software supports "
+            f"({KERNEL_FORMAT_VERSION}): {path}"
+        )
+    return root
+
+
+def open_kernel_store(path, *, writable: bool = False) -> KernelStore:
+    """Open a kernel store (read-only by default).
+
+    Raises
+    ------
+    StoreError
+        Missing path, not a kernel store, or a newer format version.
+    """
+    p = Path(path).absolute()
+    return KernelStore(p, _open_group(p, writable=writable), writable=writable)
+
+
+def _expected_attrs(dataset: DatasetStore, spec, tile, dtype, kernels, options) -> dict:
+    return {
+        "format": KERNEL_FORMAT,
+        "format_version": KERNEL_FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "dataset": {
+            "path": dataset.path,
+            "fingerprint": dataset.fingerprint,
+            "n": dataset.n,
+            "n_train": dataset.n_train,
+            "name": dataset.name,
+        },
+        "tile": int(tile),
+        "dtype": dtype,
+        "kernels": list(kernels),
+        "options": dict(options),
+        "software": _software(),
+    }
+
+
+def _mismatches(have: dict, want: dict) -> list[str]:
+    out = []
+    for key in ("spec", "tile", "dtype", "kernels", "options"):
+        if have.get(key) != want[key]:
+            out.append(f"{key}: store has {have.get(key)!r}, requested {want[key]!r}")
+    hd, wd = have.get("dataset", {}), want["dataset"]
+    for key in ("fingerprint", "n", "n_train"):
+        if hd.get(key) != wd[key]:
+            out.append(
+                f"dataset {key}: store has {hd.get(key)!r}, dataset store {wd['path']} has "
+                f"{wd[key]!r}"
+            )
+    return out
+
+
+def create_kernel_store(
+    path,
+    dataset: DatasetStore,
+    spec: DEQSpec | CDEQSpec,
+    *,
+    tile: int,
+    dtype: str = "float32",
+    kernels=("ntk",),
+    options: dict | None = None,
+) -> KernelStore:
+    """Create a kernel store for ``dataset`` (or reopen a compatible existing one).
+
+    The empty layout (arrays, ledger, attrs) is built in a temporary directory and renamed
+    into place, so a store either exists completely or not at all.
+
+    Parameters
+    ----------
+    path : str or Path
+    dataset : DatasetStore
+    spec : DEQSpec or CDEQSpec
+    tile : int
+        Tile side (chunk side of the kernel arrays).
+    dtype : {"float32", "float64"}
+    kernels : sequence of {"ntk", "nngp"}
+    options : dict, optional
+        Kernel options passed to every tile (part of the store's identity).
+
+    Returns
+    -------
+    KernelStore
+        Writable.
+
+    Raises
+    ------
+    StoreMismatchError
+        An existing store at ``path`` has another spec, dataset, tile, dtype, kernels or
+        options.
+    StoreError
+        ``path`` exists but is not a kernel store, or cannot be written.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    kernels = tuple(kernels)
+    if (
+        not kernels
+        or any(k not in KERNEL_NAMES for k in kernels)
+        or len(set(kernels)) != len(kernels)
+    ):
+        raise InputError(
+            f"kernels must be a non-empty subset of {', '.join(KERNEL_NAMES)}, got {kernels!r}"
+        )
+    kernels = tuple(k for k in KERNEL_NAMES if k in kernels)
+    if not isinstance(spec, DEQSpec | CDEQSpec):
+        raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
+    ndim = 2 if isinstance(spec, DEQSpec) else 4
+    if len(dataset.x.shape) != ndim:
+        raise InputError(
+            f"a {spec.kind} spec needs dataset inputs with {ndim} dimensions, got x of shape "
+            f"{tuple(dataset.x.shape)} in {dataset.path}"
+        )
+    plan = TilePlan(n=dataset.n, tile=tile)
+    want = _expected_attrs(dataset, spec, plan.tile, dtype, kernels, options or {})
+    p = Path(path).absolute()
+    if p.exists():
+        root = _open_group(p, writable=True)
+        problems = _mismatches(dict(root.attrs), want)
+        if problems:
+            raise StoreMismatchError(
+                f"kernel store {p} was made with different settings; use another path or "
+                "delete it:\n  " + "\n  ".join(problems)
+            )
+        return KernelStore(p, root, writable=True)
+    if not p.parent.is_dir():
+        raise StoreError(f"parent directory of the kernel store does not exist: {p.parent}")
+    tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        n, nb = plan.n, plan.n_blocks
+        for name in kernels:
+            root.create_array(
+                name,
+                shape=(n, n),
+                dtype=dtype,
+                chunks=(plan.tile, plan.tile),
+                compressors=None,
+                fill_value=math.nan,
+            )
+        labels = root.create_array("labels", shape=(n,), dtype="int64", chunks=(n,))
+        labels[...] = dataset.y
+        ledger = root.create_group("ledger")
+        for field, (fdtype, fill) in LEDGER_FIELDS.items():
+            ledger.create_array(
+                field,
+                shape=(nb, nb),
+                dtype=fdtype,
+                chunks=(1, 1),
+                fill_value=fill,
+                compressors=None,
+            )
+        if isinstance(spec, CDEQSpec):
+            aux = root.create_group("aux")
+            H, W = dataset.x.shape[1:3]
+            aux.create_array(
+                "self_cov",
+                shape=(n, H, W),
+                dtype="float64",
+                chunks=(AUX_ROWS, H, W),
+                compressors=None,
+                fill_value=math.nan,
+            )
+            aux.create_array(
+                "self_cov_done",
+                shape=(-(-n // AUX_ROWS),),
+                dtype="bool",
+                chunks=(1,),
+                fill_value=False,
+            )
+        root.attrs.update(want)
+        os.rename(tmp, p)
+    except OSError as exc:
+        raise StoreError(f"cannot create kernel store at {p}: {exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open_kernel_store(p, writable=True)
+
+
+def verify_kernel_store(path) -> list[str]:
+    """Check a kernel store; return a list of problems (empty when it is sound).
+
+    Checks: the ledger is consistent (both halves of every tile agree, done tiles have a
+    finite residual and time); every done tile's chunk and mirror chunk decode, match their
+    recorded crc32, are finite and are exact transposes (diagonal tiles exactly symmetric);
+    every tile is done; the labels match the store size.
+    """
+    store = open_kernel_store(path)
+    problems: list[str] = []
+    try:
+        led = store.ledger()
+    except Exception as exc:
+        return [f"ledger unreadable: {exc}"]
+    plan = store.plan
+    if store.labels().shape != (store.n,):
+        problems.append(f"labels must have shape ({store.n},), got {store.labels().shape}")
+    not_done = []
+    for i, j in plan.tiles():
+        done_u, done_l = bool(led["done"][i, j]), bool(led["done"][j, i])
+        if done_u != done_l:
+            problems.append(f"tile ({i}, {j}): ledger halves disagree (done {done_u}/{done_l})")
+        if not done_u:
+            not_done.append((i, j))
+            continue
+        if not np.isfinite(led["max_residual"][i, j]) or not np.isfinite(led["seconds"][i, j]):
+            problems.append(f"tile ({i}, {j}): done but residual/seconds missing in the ledger")
+        problems.extend(_verify_tile(store, i, j, led))
+    if not_done:
+        shown = ", ".join(map(str, not_done[:10]))
+        more = "" if len(not_done) <= 10 else f" (first 10 of {len(not_done)})"
+        problems.append(f"{len(not_done)} of {plan.n_tiles} tiles not done: {shown}{more}")
+    return problems
+
+
+def _verify_tile(store: KernelStore, i: int, j: int, led: dict) -> list[str]:
+    r0, r1 = store.plan.bounds(i)
+    c0, c1 = store.plan.bounds(j)
+    problems = []
+    crc = crc_m = 0
+    for name in store.kernels:
+        arr = store.array(name)
+        try:
+            up = np.ascontiguousarray(arr[r0:r1, c0:c1])
+            lo = up if i == j else np.ascontiguousarray(arr[c0:c1, r0:r1])
+        except Exception as exc:
+            problems.append(f"tile ({i}, {j}) {name}: chunk unreadable: {exc}")
+            return problems
+        crc = zlib.crc32(memoryview(up).cast("B"), crc)
+        if i != j:
+            crc_m = zlib.crc32(memoryview(lo).cast("B"), crc_m)
+        if not np.isfinite(up).all() or not np.isfinite(lo).all():
+            problems.append(f"tile ({i}, {j}) {name}: non-finite values")
+        if not np.array_equal(up, lo.T):
+            what = "not exactly symmetric" if i == j else f"chunk ({j}, {i}) is not its transpose"
+            problems.append(f"tile ({i}, {j}) {name}: {what}")
+    if i == j:
+        crc_m = crc
+    if crc != int(led["checksum"][i, j]):
+        problems.append(f"tile ({i}, {j}): checksum mismatch (chunk bytes changed on disk)")
+    if crc_m != int(led["checksum"][j, i]):
+        problems.append(f"tile ({j}, {i}) (mirror): checksum mismatch (chunk bytes changed)")
+    return problems
