@@ -1,0 +1,147 @@
+"""Dask runtime: a LocalCluster sized to the machine, an existing scheduler, or a batch queue.
+
+Workers run one tile at a time (``threads_per_worker = 1``) with numba and the BLAS limited
+to one thread each (through the worker environment), so ``n_workers = cores`` uses every
+core without oversubscription.  Resume never depends on scheduler state (the store's
+ledger drives it), so any of these runtimes can be killed and restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+
+from .errors import InputError, StoreError
+
+__all__ = ["RuntimeConfig", "WORKER_ENV", "dask_client", "cluster_summary", "dashboard_link"]
+
+#: Environment of LocalCluster worker processes: one compute thread per worker.
+WORKER_ENV = {
+    "NUMBA_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+CLUSTER_KINDS = ("local", "slurm", "pbs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Where the tiles run.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``) or a scheduler JSON file;
+        overrides ``cluster``.
+    cluster : {"local", "slurm", "pbs"}
+        ``local`` starts a LocalCluster; ``slurm`` / ``pbs`` start dask-jobqueue workers
+        configured by dask's ``jobqueue`` config (``~/.config/dask/jobqueue.yaml``).
+    workers : int, optional
+        Worker processes (default: the number of cores for ``local``, 1 job otherwise).
+    memory_limit : str or int, optional
+        Per-worker memory limit for a LocalCluster (default: RAM / workers).
+    """
+
+    scheduler: str | None = None
+    cluster: str = "local"
+    workers: int | None = None
+    memory_limit: str | int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster not in CLUSTER_KINDS:
+            raise InputError(
+                f"cluster must be one of {', '.join(CLUSTER_KINDS)}, got {self.cluster!r}"
+            )
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise InputError(f"workers must be an integer >= 1, got {w!r}")
+
+
+def _default_workers() -> int:
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def dask_client(config: RuntimeConfig | None = None) -> Iterator:
+    """Yield a ``distributed.Client`` for ``config``; close what was started on exit.
+
+    Raises
+    ------
+    StoreError
+        The scheduler cannot be reached (a runtime problem, reported clearly).
+    """
+    from distributed import Client, LocalCluster
+
+    config = config or RuntimeConfig()
+    if config.scheduler:
+        target = config.scheduler
+        kw = {"scheduler_file": target} if target.endswith(".json") else {"address": target}
+        try:
+            client = Client(**kw, timeout="30s")
+        except OSError as exc:
+            raise StoreError(f"cannot connect to the dask scheduler {target}: {exc}") from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    if config.cluster in ("slurm", "pbs"):
+        try:
+            import dask_jobqueue
+        except ImportError as exc:  # pragma: no cover - optional extra
+            raise InputError(
+                f"cluster={config.cluster!r} needs dask-jobqueue: "
+                "pip install 'deqntk_dist[jobqueue]'"
+            ) from exc
+        cls = dask_jobqueue.SLURMCluster if config.cluster == "slurm" else dask_jobqueue.PBSCluster
+        cluster = cls(job_script_prologue=[f"export {k}={v}" for k, v in WORKER_ENV.items()])
+        cluster.scale(jobs=config.workers or 1)
+    else:
+        n = config.workers or _default_workers()
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=config.memory_limit if config.memory_limit is not None else "auto",
+            env=dict(WORKER_ENV),
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+    try:
+        client = Client(cluster)
+        try:
+            client.wait_for_workers(1, timeout=600)
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def cluster_summary(client) -> dict:
+    """Workers, total threads and the smallest per-worker memory limit (bytes, 0 = none)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+    positive = [m for m in limits if m > 0]
+    return {
+        "workers": len(workers),
+        "threads": sum(int(w.get("nthreads", 1)) for w in workers.values()),
+        "memory_limit": min(positive) if positive else 0,
+    }
+
+
+def dashboard_link(client) -> str | None:
+    """The dashboard URL, or None when the scheduler serves no dashboard (no bokeh)."""
+    try:
+        services = client.scheduler_info(n_workers=0).get("services", {})
+    except Exception:  # pragma: no cover - scheduler gone
+        return None
+    if "dashboard" not in services:
+        return None
+    return client.dashboard_link
