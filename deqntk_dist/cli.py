@@ -53,36 +53,141 @@ DEFAULT_HYPERPARAMETERS = {
 
 
 # ------------------------------------------------------------------ compute / status / verify
+def _parse_what(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in ("ntk", "nngp")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"must be ntk, nngp or ntk,nngp; got {text!r}")
+    return names
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t))
+    except ValueError:
+        msg = f"must be a size like 2GiB or 512M, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def _add_compute(sub) -> None:
-    p = sub.add_parser("compute", help="compute a kernel store from a dataset store")
-    p.add_argument("dataset_store")
-    p.add_argument("kernel_store")
+    p = sub.add_parser(
+        "compute",
+        help="compute a kernel store from a dataset store (resumes a partly done store)",
+    )
+    p.add_argument("dataset_store", help="dataset store (zarr group) to read rows from")
+    p.add_argument("kernel_store", help="kernel store to create or finish")
     _add_spec_arguments(p)
+    p.add_argument("--what", type=_parse_what, default=None,
+                   help="kernels to store: ntk, nngp or ntk,nngp (default: ntk,nngp, or the "
+                        "existing store's)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side (default: from --memory-budget, or the existing store's)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="store dtype (default float32, or the existing store's)")
+    p.add_argument("--memory-budget", type=_parse_bytes, default=None,
+                   help="bytes per tile on a worker, e.g. 1GiB (default: half the worker "
+                        "memory limit, at most 2GiB)")
+    p.add_argument("--scheduler", default=None,
+                   help="address (tcp://host:8786) or JSON file of a running dask scheduler")
+    p.add_argument("--cluster", choices=("local", "slurm", "pbs"), default="local",
+                   help="start a LocalCluster (default) or dask-jobqueue workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (local: default one per core) or batch jobs")
+    p.add_argument("--task-threads", type=int, default=1,
+                   help="numba/BLAS threads per task (default 1; 0 leaves the worker's)")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="tiles submitted at once (default 2 x worker threads)")
+    p.add_argument("--retries", type=int, default=2, help="dask retries per tile (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_compute)
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
-    raise NotImplementedError("compute: implemented with the kernel store (issue 3)")
+    from .compute import compute_kernel_store
+    from .runtime import RuntimeConfig
+
+    spec = spec_from_args(args)
+    runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
+    report = compute_kernel_store(
+        args.dataset_store,
+        args.kernel_store,
+        spec,
+        kernels=args.what,
+        tile=args.tile,
+        dtype=args.dtype,
+        runtime=runtime,
+        memory_budget=args.memory_budget,
+        max_in_flight=args.max_in_flight,
+        retries=args.retries,
+        task_threads=args.task_threads or None,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{report.store}: computed {report.tiles_computed} tiles "
+        f"({report.tiles_done_before} of {report.tiles_total} were done before) in "
+        f"{report.seconds:.1f} s, {report.entries_per_second:.3g} entries/s, "
+        f"{report.bytes_written / 1e9:.3g} GB written, max residual {report.max_residual:.2g}"
+    )
+    return 0
 
 
 def _add_status(sub) -> None:
-    p = sub.add_parser("status", help="tiles done / total of a kernel store")
+    p = sub.add_parser("status", help="tiles done / total, residuals and time left of a store")
     p.add_argument("kernel_store")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    raise NotImplementedError("status: implemented with the kernel store (issue 3)")
+    import json
+
+    from .store import open_kernel_store
+
+    ks = open_kernel_store(args.kernel_store)
+    st = ks.status()
+    if args.json:
+        print(json.dumps({**st, "spec": ks.spec.to_dict()}, indent=1))
+        return 0
+    eta = st["eta_seconds"]
+    rate = st["entries_per_second"]
+    print(f"store      {st['path']}")
+    print(f"spec       {ks.spec}")
+    print(f"kernels    {', '.join(st['kernels'])}  n={st['n']}  tile={st['tile']}  {st['dtype']}")
+    print(f"tiles      {st['tiles_done']}/{st['tiles_total']} done"
+          + ("  (complete)" if st["complete"] else ""))
+    print(f"entries    {st['entries_done']}/{st['entries_total']}")
+    print(f"residual   max {st['max_residual']}  iterations max {st['max_iterations']}")
+    print(f"rate       {'?' if rate is None else f'{rate:.3g} entries/s'}  "
+          f"time left {'unknown' if eta is None else f'{eta:.0f} s'}")
+    return 0
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check a kernel store (checksums, symmetry, ledger)")
+    p = sub.add_parser(
+        "verify",
+        help="check a kernel store (checksums, symmetry, finiteness, ledger); exit 1 on problems",
+    )
     p.add_argument("kernel_store")
     p.set_defaults(func=_cmd_verify)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    raise NotImplementedError("verify: implemented with the kernel store (issue 3)")
+    from .store import open_kernel_store, verify_kernel_store
+
+    problems = verify_kernel_store(args.kernel_store)
+    if problems:
+        for line in problems:
+            print(f"PROBLEM: {line}")
+        print(f"{args.kernel_store}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    st = open_kernel_store(args.kernel_store).status()
+    print(f"{st['path']}: OK ({st['tiles_total']} tiles, {st['n']} x {st['n']}, "
+          f"{', '.join(st['kernels'])}, {st['dtype']})")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ solve

@@ -444,17 +444,9 @@ def compute_kernel_store(
     ds = dataset if isinstance(dataset, DatasetStore) else open_dataset_store(dataset)
     path = Path(store).absolute()
     existing = open_kernel_store(path) if path.exists() else None
-    ctx = contextlib.nullcontext(client) if client is not None else dask_client(runtime)
-    with ctx as cl:
-        summary = cluster_summary(cl)
-        if tile is None:
-            if existing is not None:
-                tile = existing.tile
-            else:
-                limit = summary["memory_limit"]
-                budget = memory_budget or min(MAX_TILE_BUDGET, limit // 2 if limit else 2**30)
-                tile = choose_tile(ds.n, int(budget))
-        ks = create_kernel_store(
+
+    def make_store(tile: int) -> KernelStore:
+        return create_kernel_store(
             path,
             ds,
             spec,
@@ -463,6 +455,17 @@ def compute_kernel_store(
             kernels=kernels or (existing.kernels if existing else KERNEL_NAMES),
             options=options,
         )
+
+    # settings are checked against an existing store before any cluster is started
+    tile = tile or (existing.tile if existing is not None else None)
+    ks = make_store(tile) if tile is not None else None
+    ctx = contextlib.nullcontext(client) if client is not None else dask_client(runtime)
+    with ctx as cl:
+        summary = cluster_summary(cl)
+        if ks is None:
+            limit = summary["memory_limit"]
+            budget = memory_budget or min(MAX_TILE_BUDGET, limit // 2 if limit else 2**30)
+            ks = make_store(choose_tile(ds.n, int(budget)))
         link = dashboard_link(cl)
         say(
             f"deqntk: {summary['workers']} workers / {summary['threads']} threads; dashboard: "
