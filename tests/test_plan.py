@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+
+from deqntk_dist.errors import InputError
+from deqntk_dist.plan import BYTES_PER_TILE_ENTRY, TilePlan, choose_tile
+
+
+@pytest.mark.parametrize(("n", "tile"), [(1, 1), (7, 3), (50, 16), (64, 16), (300, 64), (5, 9)])
+def test_tiles_and_mirrors_cover_every_entry_once(n, tile):
+    plan = TilePlan(n=n, tile=tile)
+    count = np.zeros((n, n), dtype=int)
+    for i, j in plan.tiles():
+        assert i <= j
+        r0, r1 = plan.bounds(i)
+        c0, c1 = plan.bounds(j)
+        count[r0:r1, c0:c1] += 1
+        if i != j:
+            count[c0:c1, r0:r1] += 1
+    assert (count == 1).all()
+    assert len(plan.tiles()) == plan.n_tiles == plan.n_blocks * (plan.n_blocks + 1) // 2
+    assert sum(plan.entries(t) for t in plan.tiles()) == n * n
+
+
+def test_row_major_order_shares_row_blocks():
+    tiles = TilePlan(n=100, tile=30).tiles()
+    assert tiles[:4] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    rows = [i for i, _ in tiles]
+    assert rows == sorted(rows)
+
+
+def test_plan_is_a_serialisable_value():
+    plan = TilePlan(n=70000, tile=4608)
+    again = TilePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and hash(again) == hash(plan)
+    assert plan.bounds(plan.n_blocks - 1) == (15 * 4608, 70000)
+
+
+@pytest.mark.parametrize(
+    ("kw", "word"),
+    [({"n": 0, "tile": 4}, "n"), ({"n": 4, "tile": 0}, "tile"), ({"n": 4.0, "tile": 2}, "n")],
+)
+def test_plan_rejects_bad_values(kw, word):
+    with pytest.raises(InputError, match=word):
+        TilePlan(**kw)
+
+
+def test_bounds_out_of_range():
+    with pytest.raises(InputError, match="block"):
+        TilePlan(n=10, tile=4).bounds(3)
+
+
+@pytest.mark.parametrize("budget", [2**20, 2**28, 2**30, 3 * 2**30])
+def test_choose_tile_fits_the_budget(budget):
+    tile = choose_tile(70000, budget)
+    assert tile * tile * BYTES_PER_TILE_ENTRY <= budget or tile == 64
+    if tile >= 512:
+        assert tile % 512 == 0
+        # the next aligned size would not fit
+        assert (tile + 512) ** 2 * BYTES_PER_TILE_ENTRY > budget
+
+
+def test_choose_tile_small_problems():
+    assert choose_tile(300, 2**30) == 300
+    assert choose_tile(10, 1) == 10
+    with pytest.raises(InputError, match="memory_budget"):
+        choose_tile(100, 0)

@@ -1,0 +1,165 @@
+"""Kernel store layout, reader API, mismatch errors and verify (tiles written in-process)."""
+
+import os
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from deqntk_dist import DEQSpec, kernel_matrix, open_kernel_store, write_dataset_store
+from deqntk_dist.errors import IncompleteStoreError, StoreError, StoreMismatchError
+from deqntk_dist.store import create_kernel_store, verify_kernel_store
+
+SPEC = DEQSpec(sigma_w2=1.2, sigma_u2=0.9, sigma_b2=0.1)
+N, NTRAIN, TILE = 45, 33, 16
+
+
+@pytest.fixture
+def ds(tmp_path, rng):
+    x = rng.normal(size=(N, 7))
+    return write_dataset_store(
+        tmp_path / "ds", x, rng.integers(0, 4, N), n_train=NTRAIN, name="toy"
+    )
+
+
+def _fill(store, ds, tiles=None):
+    X = ds.rows(0, ds.n)
+    for i, j in tiles if tiles is not None else store.plan.tiles():
+        r0, r1 = store.plan.bounds(i)
+        c0, c1 = store.plan.bounds(j)
+        res = kernel_matrix(SPEC, X[r0:r1]) if i == j else kernel_matrix(SPEC, X[r0:r1], X[c0:c1])
+        store.write_tile(
+            i,
+            j,
+            {"ntk": res.ntk, "nngp": res.nngp},
+            max_residual=res.max_residual,
+            iterations=res.iterations,
+            seconds=0.01,
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_reader_api_matches_untiled_kernel(tmp_path, ds, dtype):
+    store = create_kernel_store(
+        tmp_path / "ks", ds, SPEC, tile=TILE, dtype=dtype, kernels=("nngp", "ntk")
+    )
+    assert store.kernels == ("ntk", "nngp")
+    _fill(store, ds)
+    full = kernel_matrix(SPEC, ds.rows(0, N))
+    ntk, nngp = full.ntk.astype(dtype), full.nngp.astype(dtype)
+    ks = open_kernel_store(tmp_path / "ks")
+    assert (ks.n, ks.n_train, ks.n_test, ks.tile, ks.dtype) == (N, NTRAIN, N - NTRAIN, TILE, dtype)
+    assert ks.spec == SPEC and ks.dataset().fingerprint == ds.fingerprint
+    np.testing.assert_array_equal(ks.array("ntk")[...], ntk)
+    np.testing.assert_array_equal(ks.to_dask("nngp").compute(), nngp)
+    assert ks.to_dask("ntk").chunksize == (TILE, TILE)
+    np.testing.assert_array_equal(ks.block("ntk", slice(3, 40), slice(17, 45)), ntk[3:40, 17:45])
+    np.testing.assert_array_equal(ks.train_train("ntk"), ntk[:NTRAIN, :NTRAIN])
+    np.testing.assert_array_equal(ks.test_train("nngp"), nngp[NTRAIN:, :NTRAIN])
+    np.testing.assert_array_equal(ks.test_test("ntk"), ntk[NTRAIN:, NTRAIN:])
+    np.testing.assert_array_equal(ks.labels(), ds.y)
+    st = ks.status()
+    assert st["complete"] and st["tiles_done"] == st["tiles_total"] == 6
+    assert st["entries_done"] == N * N and st["max_residual"] < 1e-10
+    assert ks.is_complete() and ks.missing_tiles() == []
+    assert verify_kernel_store(tmp_path / "ks") == []
+    # plain zarr / dask without this package
+    g = zarr.open_group(str(tmp_path / "ks"), mode="r")
+    assert g.attrs["format"] == "deqntk-kernel-store" and g.attrs["tile"] == TILE
+    assert (
+        g.attrs["spec"] == SPEC.to_dict() and g.attrs["dataset"]["fingerprint"] == ds.fingerprint
+    )
+    np.testing.assert_array_equal(da.from_zarr(g["ntk"]).compute(), ntk)
+    assert g["ledger/done"][...].all()
+
+
+def test_partial_store_status_and_guarded_reads(tmp_path, ds):
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    _fill(store, ds, tiles=[(0, 0), (1, 2)])
+    ks = open_kernel_store(tmp_path / "ks")
+    assert ks.missing_tiles() == [(0, 1), (0, 2), (1, 1), (2, 2)]
+    st = ks.status()
+    assert (st["tiles_done"], st["entries_done"]) == (2, 16 * 16 + 2 * 16 * 13)
+    assert not st["complete"]
+    full = kernel_matrix(SPEC, ds.rows(0, N)).ntk.astype(np.float32)
+    np.testing.assert_array_equal(ks.block("ntk", slice(32, 45), slice(16, 32)), full[32:, 16:32])
+    with pytest.raises(IncompleteStoreError, match=r"\(0, 1\)"):
+        ks.block("ntk", slice(0, 10), slice(0, 20))
+    with pytest.raises(IncompleteStoreError):
+        ks.train_train("ntk")
+    # unwritten entries read as NaN, never as plausible zeros
+    assert np.isnan(ks.block("ntk", slice(0, 5), slice(20, 25), check=False)).all()
+    problems = verify_kernel_store(tmp_path / "ks")
+    assert len(problems) == 1 and "4 of 6 tiles not done" in problems[0]
+
+
+def test_reopen_mismatches_are_errors(tmp_path, ds, rng):
+    create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    again = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    assert again.tile == TILE
+    other = write_dataset_store(
+        tmp_path / "ds2", rng.normal(size=(N, 7)), np.zeros(N, int), n_train=NTRAIN, name="toy"
+    )
+    cases = [
+        ({"spec": DEQSpec(sigma_w2=1.3, sigma_u2=0.9, sigma_b2=0.1)}, "spec"),
+        ({"dataset": other}, "dataset fingerprint"),
+        ({"tile": 8}, "tile"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"kernels": ("ntk", "nngp")}, "kernels"),
+    ]
+    for change, word in cases:
+        kw = {"dataset": ds, "spec": SPEC, "tile": TILE, **change}
+        with pytest.raises(StoreMismatchError, match=word):
+            create_kernel_store(tmp_path / "ks", kw.pop("dataset"), kw.pop("spec"), **kw)
+
+
+def test_verify_reports_corrupted_chunks_and_ledger(tmp_path, ds):
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    _fill(store, ds)
+    assert verify_kernel_store(tmp_path / "ks") == []
+    chunk = tmp_path / "ks" / "ntk" / "c" / "0" / "1"
+    raw = bytearray(chunk.read_bytes())
+    raw[100] ^= 0x01  # one flipped bit in one float
+    chunk.write_bytes(bytes(raw))
+    problems = verify_kernel_store(tmp_path / "ks")
+    assert any("tile (0, 1)" in p and "checksum" in p for p in problems)
+    assert any("tile (0, 1) ntk" in p and "transpose" in p for p in problems)
+    # truncated mirror chunk of another tile: unreadable
+    mirror = tmp_path / "ks" / "ntk" / "c" / "2" / "1"
+    mirror.write_bytes(mirror.read_bytes()[:50])
+    assert any(
+        "tile (1, 2) ntk" in p and "unreadable" in p for p in verify_kernel_store(tmp_path / "ks")
+    )
+    # ledger halves disagreeing
+    zarr.open_array(str(tmp_path / "ks" / "ledger" / "done"), mode="r+")[2, 0] = False
+    assert any("disagree" in p for p in verify_kernel_store(tmp_path / "ks"))
+
+
+def test_missing_and_foreign_paths(tmp_path, ds):
+    with pytest.raises(StoreError, match="not found"):
+        open_kernel_store(tmp_path / "none")
+    with pytest.raises(StoreError, match="not a deqntk kernel store"):
+        open_kernel_store(ds.path)
+    with pytest.raises(StoreError, match="parent directory"):
+        create_kernel_store(tmp_path / "a" / "b", ds, SPEC, tile=TILE)
+
+
+def test_read_only_destination(tmp_path, ds):
+    if os.geteuid() == 0:
+        dest = "/sys/deqntk-kernel-store"  # root ignores permission bits; sysfs refuses mkdir
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        dest = ro / "ks"
+    with pytest.raises(StoreError, match="cannot create kernel store"):
+        create_kernel_store(dest, ds, SPEC, tile=TILE)
+    assert not os.path.exists(dest)
+
+
+def test_read_only_open_refuses_writes(tmp_path, ds):
+    create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    ks = open_kernel_store(tmp_path / "ks")
+    with pytest.raises(StoreError, match="read-only"):
+        ks.write_tile(0, 0, {}, max_residual=0.0, iterations=1, seconds=0.0)
