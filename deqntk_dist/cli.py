@@ -202,22 +202,128 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ prepare / run
+def _add_data_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """Dataset, subset and preprocessing options shared by ``prepare`` and ``run``."""
+    p.add_argument("--dataset", required=required, default="fashion-mnist",
+                   help="fashion-mnist | mnist | cifar10 | npz"
+                        + ("" if required else " (default fashion-mnist)"))
+    p.add_argument("--source", default=None,
+                   help="IDX directory (mnist, fashion-mnist), CIFAR-10 python batches directory "
+                        "or .tar.gz, .npz file or directory of .npy files; fashion-mnist "
+                        "defaults to the Debian package dataset-fashion-mnist (installed when "
+                        "missing if run as root)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="class-balanced subset of the training rows (default all)")
+    p.add_argument("--n-test", type=int, default=None,
+                   help="class-balanced subset of the test rows (default all)")
+    p.add_argument("--preprocess", default=None,
+                   help="comma list of center|standardize, zca, unit-norm, or none (default: "
+                        "center,unit-norm; cifar10: standardize,zca,unit-norm)")
+    p.add_argument("--zca-strength", type=float, default=None,
+                   help="ZCA regulariser relative to the mean eigenvalue (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset draw (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace stores made with other parameters")
+    p.add_argument("--no-install", action="store_true",
+                   help="never apt-get install dataset-fashion-mnist")
+
+
+def _request_from_args(args: argparse.Namespace, layout: str):
+    from .pipeline import PrepareRequest, default_preprocess
+    from .preprocess import PreprocessConfig, parse_steps
+
+    base = default_preprocess(args.dataset)
+    steps = base.steps if args.preprocess is None else parse_steps(args.preprocess)
+    eps = base.zca_strength if args.zca_strength is None else args.zca_strength
+    return PrepareRequest(
+        dataset=args.dataset, source=args.source, n_train=args.n_train, n_test=args.n_test,
+        preprocess=PreprocessConfig(steps=steps, zca_strength=eps), seed=args.seed,
+        layout=layout,
+    )
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="read a dataset, preprocess, write a dataset store")
+    _add_data_arguments(p, required=True)
+    p.add_argument("--out", required=True, help="dataset store to write (zarr group)")
+    p.add_argument("--layout", choices=("flat", "image"), default="flat",
+                   help="rows as vectors (deq kernel, default) or images H x W x C (cdeq)")
     p.set_defaults(func=_cmd_prepare)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    raise NotImplementedError("prepare: implemented with the dataset readers (issue 5)")
+    from .pipeline import prepare_dataset
+
+    request = _request_from_args(args, args.layout)
+    res = prepare_dataset(args.out, request, overwrite=args.overwrite,
+                          install=not args.no_install)
+    ds = res.store
+    verb = "reused (same parameters)" if res.reused else f"written in {res.seconds:.1f} s"
+    print(
+        f"{ds.path}: {verb}; {ds.name}, {ds.n_train} train + {ds.n_test} test rows of shape "
+        f"{ds.feature_shape}, preprocessing {','.join(request.preprocess.steps) or 'none'}, "
+        f"fingerprint {ds.fingerprint}"
+    )
+    return 0
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="prepare -> compute -> solve, with a report")
+    p = sub.add_parser(
+        "run",
+        help="prepare -> compute -> solve in a work directory, reusing finished stages",
+    )
+    _add_data_arguments(p, required=False)
+    _add_spec_arguments(p)
+    p.add_argument("--workdir", required=True,
+                   help="directory for dataset.zarr, kernel.zarr, solve.json, report.json")
+    p.add_argument("--solve-kernel", choices=("ntk", "nngp"), default="ntk",
+                   help="kernel used by the regression (default ntk)")
+    p.add_argument("--lambdas", default=None,
+                   help="comma list of relative ridge values (default: the solver's grid)")
+    p.add_argument("--what", type=_parse_what, default=None,
+                   help="kernels to store: ntk, nngp or ntk,nngp (default ntk,nngp)")
+    p.add_argument("--tile", type=int, default=None, help="tile side (default: automatic)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="kernel store dtype (default float32)")
+    p.add_argument("--memory-budget", type=_parse_bytes, default=None,
+                   help="bytes per tile on a worker, e.g. 1GiB")
+    p.add_argument("--scheduler", default=None,
+                   help="address (tcp://host:8786) or JSON file of a running dask scheduler")
+    p.add_argument("--cluster", choices=("local", "slurm", "pbs"), default="local",
+                   help="start a LocalCluster (default) or dask-jobqueue workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (local: default one per core) or batch jobs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("run: implemented with the end-to-end job (issue 5)")
+    import json
+
+    from .errors import InputError
+    from .pipeline import format_report, run_pipeline
+    from .runtime import RuntimeConfig
+
+    lambdas = None
+    if args.lambdas is not None:
+        try:
+            lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(
+                f"--lambdas must be a comma list of numbers, got {args.lambdas!r}"
+            ) from None
+    spec = spec_from_args(args)
+    request = _request_from_args(args, "image" if args.kernel == "cdeq" else "flat")
+    runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
+    report = run_pipeline(
+        args.workdir, request, spec, kernels=args.what, solve_kernel=args.solve_kernel,
+        lambdas=lambdas, tile=args.tile, dtype=args.dtype, runtime=runtime,
+        memory_budget=args.memory_budget, overwrite=args.overwrite,
+        install=not args.no_install, progress=not args.no_progress,
+    )
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
 
 
 # ------------------------------------------------------------------------------------- main

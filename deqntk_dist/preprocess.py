@@ -89,7 +89,11 @@ class PreprocessConfig:
         object.__setattr__(self, "zca_strength", float(eps))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "zca_strength": self.zca_strength}
+        """Steps, and the ZCA strength when ZCA is one of them."""
+        out: dict[str, Any] = {"steps": list(self.steps)}
+        if "zca" in self.steps:
+            out["zca_strength"] = self.zca_strength
+        return out
 
 
 @dataclass(frozen=True)

@@ -392,6 +392,7 @@ def test_zca_output_covariance():
     got = np.linalg.eigvalsh(np.cov(z, rowvar=False, bias=True))
     np.testing.assert_allclose(got, want, rtol=1e-9)
     assert fitted.to_attrs()["zca_strength"] == eps
+    assert "zca_strength" not in PreprocessConfig(steps=("center",)).to_dict()
 
 
 def test_zca_images_keep_shape_and_rank_deficient():

@@ -1,0 +1,163 @@
+"""``deqntk prepare`` / ``deqntk run``: dataset store content, stage reuse, end to end."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from deqntk_dist.cli import main
+from deqntk_dist.dataset import open_dataset_store
+from deqntk_dist.errors import InputError, StoreMismatchError
+from deqntk_dist.pipeline import PrepareRequest, prepare_dataset
+from deqntk_dist.preprocess import PreprocessConfig
+
+
+def blobs(rng, n, d=12, k=3, spread=0.6):
+    """k Gaussian clusters in d dimensions (labels 0..k-1), offset from the origin."""
+    centres = rng.normal(size=(k, d)) * 2 + 1
+    y = np.arange(n) % k
+    return centres[y] + spread * rng.normal(size=(n, d)), y
+
+
+@pytest.fixture
+def npz_source(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = blobs(rng, 150)
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y[100:])
+    return path, x, y
+
+
+def test_prepare_store_content(tmp_path, npz_source):
+    src, x, y = npz_source
+    req = PrepareRequest(
+        dataset="npz",
+        source=src,
+        n_train=60,
+        n_test=30,
+        seed=3,
+        preprocess=PreprocessConfig(steps=("center", "unit-norm")),
+    )
+    res = prepare_dataset(tmp_path / "ds.zarr", req)
+    ds = res.store
+    assert not res.reused and (ds.n_train, ds.n_test, ds.feature_shape) == (60, 30, (12,))
+    xs = ds.rows(0, ds.n)
+    np.testing.assert_allclose(np.linalg.norm(xs, axis=1), np.sqrt(12), rtol=1e-6)
+    np.testing.assert_array_equal(np.bincount(ds.y[:60]), [20, 20, 20])
+    np.testing.assert_array_equal(np.bincount(ds.y[60:]), [10, 10, 10])
+    pre = ds.attrs["preprocessing"]
+    assert pre["fitted_on"] == "train" and pre["n_fit"] == 60 and pre["layout"] == "flat"
+    assert ds.attrs["source"]["request"] == req.to_dict()
+
+
+def test_prepare_fits_on_train_rows_only(tmp_path, npz_source):
+    """Train rows of the store do not depend on the test rows; test rows use train stats."""
+    src, x, y = npz_source
+    cfg = PreprocessConfig(steps=("standardize",))
+    a = prepare_dataset(
+        tmp_path / "a.zarr", PrepareRequest(dataset="npz", source=src, preprocess=cfg, n_test=None)
+    ).store
+    b = prepare_dataset(
+        tmp_path / "b.zarr", PrepareRequest(dataset="npz", source=src, preprocess=cfg, n_test=12)
+    ).store
+    np.testing.assert_array_equal(a.rows(0, 100), b.rows(0, 100))
+    mu, sd = x[:100].mean(0), x[:100].std(0)
+    np.testing.assert_allclose(a.rows(0, 100), (x[:100] - mu) / sd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.rows(100, 150), (x[100:] - mu) / sd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(a.y, y)
+
+
+def test_prepare_reuse_mismatch_overwrite(tmp_path, npz_source):
+    src = npz_source[0]
+    out = tmp_path / "ds.zarr"
+    req = PrepareRequest(dataset="npz", source=src, n_train=30)
+    first = prepare_dataset(out, req)
+    again = prepare_dataset(out, req)
+    assert again.reused and again.store.fingerprint == first.store.fingerprint
+    other = PrepareRequest(dataset="npz", source=src, n_train=45)
+    with pytest.raises(StoreMismatchError, match="n_train: stored 30, requested 45"):
+        prepare_dataset(out, other)
+    assert open_dataset_store(out).n_train == 30  # untouched
+    assert prepare_dataset(out, other, overwrite=True).store.n_train == 45
+
+
+def test_prepare_request_errors(tmp_path, npz_source):
+    src = npz_source[0]
+    with pytest.raises(
+        InputError, match=r"n_train must be a positive integer or None \(all rows\), got 0"
+    ):
+        PrepareRequest(dataset="npz", source=src, n_train=0)
+    with pytest.raises(InputError, match="layout must be one of flat, image, got 'grid'"):
+        PrepareRequest(dataset="npz", source=src, layout="grid")
+    with pytest.raises(InputError, match="layout 'image' .* needs image rows"):
+        prepare_dataset(
+            tmp_path / "x.zarr", PrepareRequest(dataset="npz", source=src, layout="image")
+        )
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_prepare_idx_images(tmp_path, capsys):
+    """IDX files written here, image layout (CDEQ) and flat layout through the CLI."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "idx"
+    src.mkdir()
+    for stem, shape in [
+        ("train-images-idx3-ubyte", (40, 6, 6)),
+        ("t10k-images-idx3-ubyte", (20, 6, 6)),
+    ]:
+        a = rng.integers(0, 256, shape, dtype=np.uint8)
+        head = bytes([0, 0, 8, 3]) + b"".join(struct.pack(">I", s) for s in shape)
+        (src / (stem + ".gz")).write_bytes(gzip.compress(head + a.tobytes()))
+    for stem, n in [("train-labels-idx1-ubyte", 40), ("t10k-labels-idx1-ubyte", 20)]:
+        lab = (np.arange(n) % 4).astype(np.uint8)
+        (src / stem).write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", n) + lab.tobytes())
+    rc = main(
+        [
+            "prepare",
+            "--dataset",
+            "mnist",
+            "--source",
+            str(src),
+            "--out",
+            str(tmp_path / "img.zarr"),
+            "--layout",
+            "image",
+            "--n-train",
+            "16",
+            "--preprocess",
+            "standardize,zca,unit-norm",
+            "--zca-strength",
+            "0.5",
+        ]
+    )
+    assert rc == 0
+    assert "16 train + 20 test rows of shape (6, 6, 1)" in capsys.readouterr().out
+    ds = open_dataset_store(tmp_path / "img.zarr")
+    assert ds.x.shape == (36, 6, 6, 1)
+    assert ds.attrs["preprocessing"]["zca_strength"] == 0.5
+    rc = main(
+        [
+            "prepare",
+            "--dataset",
+            "mnist",
+            "--source",
+            str(src),
+            "--out",
+            str(tmp_path / "img.zarr"),
+            "--n-train",
+            "16",
+        ]
+    )
+    assert rc == 2
+    assert "already exists with other parameters" in capsys.readouterr().err
+    rc = main(
+        ["prepare", "--dataset", "svhn", "--source", str(src), "--out", str(tmp_path / "s.zarr")]
+    )
+    assert rc == 2
+    assert (
+        "dataset must be one of fashion-mnist, mnist, cifar10, npz, got 'svhn'"
+        in capsys.readouterr().err
+    )
