@@ -26,7 +26,7 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
 
-DEFAULT_QUAD_NODES = 48
+DEFAULT_QUAD_NODES = 64
 
 
 @lru_cache(maxsize=8)
@@ -38,6 +38,9 @@ def gauss_hermite(n_nodes: int = DEFAULT_QUAD_NODES) -> tuple[np.ndarray, np.nda
     nodes, weights : ndarray, shape (n_nodes,)
         ``E[f(z)] ~= sum(weights * f(nodes))`` for ``z ~ N(0, 1)``.
     """
+    if not 2 <= n_nodes <= 150:
+        raise ValueError(f"n_nodes must be in [2, 150] (numpy's Gauss-Hermite overflows above), "
+                         f"got {n_nodes}")
     z, w = np.polynomial.hermite_e.hermegauss(n_nodes)
     w = w / w.sum()
     z.setflags(write=False)
@@ -102,7 +105,13 @@ def k1k0_closed(act, a, b, c):
 
 @nb.njit(cache=True, error_model="numpy")
 def k1k0_quadrature(act, a, b, c, nodes, weights):
-    """2-D Gauss-Hermite ``(k1, k0)`` for any activation id."""
+    """2-D Gauss-Hermite ``(k1, k0)`` for any activation id.
+
+    The variances are put in a canonical order (the larger first) so the approximation is
+    exactly symmetric in ``(a, b)``, as the true dual map is.
+    """
+    if a < b:
+        a, b = b, a
     sa = math.sqrt(a)
     sb = math.sqrt(b)
     s = sa * sb

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..spec import DEQSpec
 from .common import GRAM_BLOCK, KernelResult, gram, raise_failures
-from .duals import ACTIVATION_IDS, _INV_2PI, dual_maps, gauss_hermite, k1k0, relu_normalised
+from .duals import _INV_2PI, ACTIVATION_IDS, DEFAULT_QUAD_NODES, dual_maps, gauss_hermite, k1k0, relu_normalised
 
 __all__ = [
     "injection",
@@ -350,7 +350,7 @@ def self_covariance(spec: DEQSpec, X: np.ndarray, *, n_nodes: int | None = None)
 
 
 def _generic_self(spec, Ix, n_nodes):
-    nodes, weights = gauss_hermite(n_nodes or 48)
+    nodes, weights = gauss_hermite(n_nodes or DEFAULT_QUAD_NODES)
     out = np.empty_like(Ix)
     res = np.empty_like(Ix)
     its = np.empty(Ix.shape, dtype=np.int64)
@@ -375,7 +375,7 @@ def _generic_fc(spec: DEQSpec, X, Y, symmetric: bool, n_nodes) -> KernelResult:
     nngp = np.empty((n, m))
     res = np.empty((n, m))
     its = np.empty((n, m), dtype=np.int64)
-    nodes, weights = gauss_hermite(n_nodes or 48)
+    nodes, weights = gauss_hermite(n_nodes or DEFAULT_QUAD_NODES)
     _generic_tile(ACTIVATION_IDS[spec.activation], spec.activation not in ("relu", "erf"),
                   spec.sigma_w2, G, su2_d, spec.sigma_b2, Ix, Iy, Sx, Sy, nodes, weights,
                   ntk, nngp, res, its)
@@ -453,7 +453,7 @@ def finite_depth_kernel(
         Ixx = su2_d * np.einsum("ij,ij->i", X, X) + spec.sigma_b2
         Iyy = su2_d * np.einsum("ij,ij->i", Y, Y) + spec.sigma_b2
     quad = spec.activation not in ("relu", "erf")
-    kw = {"quadrature": quad, "n_nodes": n_nodes or 48}
+    kw = {"quadrature": quad, "n_nodes": n_nodes or DEFAULT_QUAD_NODES}
     S, Sx, Sy, T = Ixy.copy(), Ixx.copy(), Iyy.copy(), Ixy.copy()
     change = 0.0
     for _ in range(depth - 1):
