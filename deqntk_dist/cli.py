@@ -17,16 +17,28 @@ __all__ = ["main", "build_parser"]
 
 def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     """Kernel hyperparameters shared by ``compute`` and ``run``."""
-    p.add_argument("--kernel", choices=("deq", "cdeq"), default="deq",
-                   help="fully-connected DEQ-NTK or convolutional CDEQ-NTK (default deq)")
-    p.add_argument("--sigma-w2", type=float, default=None,
-                   help="weight variance (default: the tuned value for the kernel)")
+    p.add_argument(
+        "--kernel",
+        choices=("deq", "cdeq"),
+        default="deq",
+        help="fully-connected DEQ-NTK or convolutional CDEQ-NTK (default deq)",
+    )
+    p.add_argument(
+        "--sigma-w2",
+        type=float,
+        default=None,
+        help="weight variance (default: the tuned value for the kernel)",
+    )
     p.add_argument("--sigma-u2", type=float, default=None, help="input-injection variance")
     p.add_argument("--sigma-b2", type=float, default=None, help="bias variance")
     p.add_argument("--activation", default="relu", help="relu | erf | tanh | gelu")
     p.add_argument("--filter-size", type=int, default=3, help="CDEQ filter side (odd)")
-    p.add_argument("--readout", choices=("flatten", "gap"), default="flatten",
-                   help="CDEQ readout (default flatten)")
+    p.add_argument(
+        "--readout",
+        choices=("flatten", "gap"),
+        default="flatten",
+        help="CDEQ readout (default flatten)",
+    )
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -81,26 +93,61 @@ def _add_compute(sub) -> None:
     p.add_argument("dataset_store", help="dataset store (zarr group) to read rows from")
     p.add_argument("kernel_store", help="kernel store to create or finish")
     _add_spec_arguments(p)
-    p.add_argument("--what", type=_parse_what, default=None,
-                   help="kernels to store: ntk, nngp or ntk,nngp (default: ntk,nngp, or the "
-                        "existing store's)")
-    p.add_argument("--tile", type=int, default=None,
-                   help="tile side (default: from --memory-budget, or the existing store's)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="store dtype (default float32, or the existing store's)")
-    p.add_argument("--memory-budget", type=_parse_bytes, default=None,
-                   help="bytes per tile on a worker, e.g. 1GiB (default: half the worker "
-                        "memory limit, at most 2GiB)")
-    p.add_argument("--scheduler", default=None,
-                   help="address (tcp://host:8786) or JSON file of a running dask scheduler")
-    p.add_argument("--cluster", choices=("local", "slurm", "pbs"), default="local",
-                   help="start a LocalCluster (default) or dask-jobqueue workers")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (local: default one per core) or batch jobs")
-    p.add_argument("--task-threads", type=int, default=1,
-                   help="numba/BLAS threads per task (default 1; 0 leaves the worker's)")
-    p.add_argument("--max-in-flight", type=int, default=None,
-                   help="tiles submitted at once (default 2 x worker threads)")
+    p.add_argument(
+        "--what",
+        type=_parse_what,
+        default=None,
+        help="kernels to store: ntk, nngp or ntk,nngp (default: ntk,nngp, or the "
+        "existing store's)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile side (default: from --memory-budget, or the existing store's)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="store dtype (default float32, or the existing store's)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_parse_bytes,
+        default=None,
+        help="bytes per tile on a worker, e.g. 1GiB (default: half the worker "
+        "memory limit, at most 2GiB)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=("local", "slurm", "pbs"),
+        default="local",
+        help="start a LocalCluster (default) or dask-jobqueue workers",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (local: default one per core) or batch jobs",
+    )
+    p.add_argument(
+        "--task-threads",
+        type=int,
+        default=1,
+        help="numba/BLAS threads per task (default 1; 0 leaves the worker's)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="tiles submitted at once (default 2 x worker threads)",
+    )
     p.add_argument("--retries", type=int, default=2, help="dask retries per tile (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_compute)
@@ -157,12 +204,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"store      {st['path']}")
     print(f"spec       {ks.spec}")
     print(f"kernels    {', '.join(st['kernels'])}  n={st['n']}  tile={st['tile']}  {st['dtype']}")
-    print(f"tiles      {st['tiles_done']}/{st['tiles_total']} done"
-          + ("  (complete)" if st["complete"] else ""))
+    print(
+        f"tiles      {st['tiles_done']}/{st['tiles_total']} done"
+        + ("  (complete)" if st["complete"] else "")
+    )
     print(f"entries    {st['entries_done']}/{st['entries_total']}")
     print(f"residual   max {st['max_residual']}  iterations max {st['max_iterations']}")
-    print(f"rate       {'?' if rate is None else f'{rate:.3g} entries/s'}  "
-          f"time left {'unknown' if eta is None else f'{eta:.0f} s'}")
+    print(
+        f"rate       {'?' if rate is None else f'{rate:.3g} entries/s'}  "
+        f"time left {'unknown' if eta is None else f'{eta:.0f} s'}"
+    )
     return 0
 
 
@@ -185,8 +236,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"{args.kernel_store}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     st = open_kernel_store(args.kernel_store).status()
-    print(f"{st['path']}: OK ({st['tiles_total']} tiles, {st['n']} x {st['n']}, "
-          f"{', '.join(st['kernels'])}, {st['dtype']})")
+    print(
+        f"{st['path']}: OK ({st['tiles_total']} tiles, {st['n']} x {st['n']}, "
+        f"{', '.join(st['kernels'])}, {st['dtype']})"
+    )
     return 0
 
 
@@ -204,28 +257,52 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ prepare / run
 def _add_data_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
     """Dataset, subset and preprocessing options shared by ``prepare`` and ``run``."""
-    p.add_argument("--dataset", required=required, default="fashion-mnist",
-                   help="fashion-mnist | mnist | cifar10 | npz"
-                        + ("" if required else " (default fashion-mnist)"))
-    p.add_argument("--source", default=None,
-                   help="IDX directory (mnist, fashion-mnist), CIFAR-10 python batches directory "
-                        "or .tar.gz, .npz file or directory of .npy files; fashion-mnist "
-                        "defaults to the Debian package dataset-fashion-mnist (installed when "
-                        "missing if run as root)")
-    p.add_argument("--n-train", type=int, default=None,
-                   help="class-balanced subset of the training rows (default all)")
-    p.add_argument("--n-test", type=int, default=None,
-                   help="class-balanced subset of the test rows (default all)")
-    p.add_argument("--preprocess", default=None,
-                   help="comma list of center|standardize, zca, unit-norm, or none (default: "
-                        "center,unit-norm; cifar10: standardize,zca,unit-norm)")
-    p.add_argument("--zca-strength", type=float, default=None,
-                   help="ZCA regulariser relative to the mean eigenvalue (default 0.1)")
+    p.add_argument(
+        "--dataset",
+        required=required,
+        default="fashion-mnist",
+        help="fashion-mnist | mnist | cifar10 | npz"
+        + ("" if required else " (default fashion-mnist)"),
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="IDX directory (mnist, fashion-mnist), CIFAR-10 python batches directory "
+        "or .tar.gz, .npz file or directory of .npy files; fashion-mnist "
+        "defaults to the Debian package dataset-fashion-mnist (installed when "
+        "missing if run as root)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="class-balanced subset of the training rows (default all)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help="class-balanced subset of the test rows (default all)",
+    )
+    p.add_argument(
+        "--preprocess",
+        default=None,
+        help="comma list of center|standardize, zca, unit-norm, or none (default: "
+        "center,unit-norm; cifar10: standardize,zca,unit-norm)",
+    )
+    p.add_argument(
+        "--zca-strength",
+        type=float,
+        default=None,
+        help="ZCA regulariser relative to the mean eigenvalue (default 0.1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draw (default 0)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace stores made with other parameters")
-    p.add_argument("--no-install", action="store_true",
-                   help="never apt-get install dataset-fashion-mnist")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace stores made with other parameters"
+    )
+    p.add_argument(
+        "--no-install", action="store_true", help="never apt-get install dataset-fashion-mnist"
+    )
 
 
 def _request_from_args(args: argparse.Namespace, layout: str):
@@ -236,8 +313,12 @@ def _request_from_args(args: argparse.Namespace, layout: str):
     steps = base.steps if args.preprocess is None else parse_steps(args.preprocess)
     eps = base.zca_strength if args.zca_strength is None else args.zca_strength
     return PrepareRequest(
-        dataset=args.dataset, source=args.source, n_train=args.n_train, n_test=args.n_test,
-        preprocess=PreprocessConfig(steps=steps, zca_strength=eps), seed=args.seed,
+        dataset=args.dataset,
+        source=args.source,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        preprocess=PreprocessConfig(steps=steps, zca_strength=eps),
+        seed=args.seed,
         layout=layout,
     )
 
@@ -246,8 +327,12 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="read a dataset, preprocess, write a dataset store")
     _add_data_arguments(p, required=True)
     p.add_argument("--out", required=True, help="dataset store to write (zarr group)")
-    p.add_argument("--layout", choices=("flat", "image"), default="flat",
-                   help="rows as vectors (deq kernel, default) or images H x W x C (cdeq)")
+    p.add_argument(
+        "--layout",
+        choices=("flat", "image"),
+        default="flat",
+        help="rows as vectors (deq kernel, default) or images H x W x C (cdeq)",
+    )
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -255,8 +340,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from .pipeline import prepare_dataset
 
     request = _request_from_args(args, args.layout)
-    res = prepare_dataset(args.out, request, overwrite=args.overwrite,
-                          install=not args.no_install)
+    res = prepare_dataset(args.out, request, overwrite=args.overwrite, install=not args.no_install)
     ds = res.store
     verb = "reused (same parameters)" if res.reused else f"written in {res.seconds:.1f} s"
     print(
@@ -274,25 +358,58 @@ def _add_run(sub) -> None:
     )
     _add_data_arguments(p, required=False)
     _add_spec_arguments(p)
-    p.add_argument("--workdir", required=True,
-                   help="directory for dataset.zarr, kernel.zarr, solve.json, report.json")
-    p.add_argument("--solve-kernel", choices=("ntk", "nngp"), default="ntk",
-                   help="kernel used by the regression (default ntk)")
-    p.add_argument("--lambdas", default=None,
-                   help="comma list of relative ridge values (default: the solver's grid)")
-    p.add_argument("--what", type=_parse_what, default=None,
-                   help="kernels to store: ntk, nngp or ntk,nngp (default ntk,nngp)")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="directory for dataset.zarr, kernel.zarr, solve.json, report.json",
+    )
+    p.add_argument(
+        "--solve-kernel",
+        choices=("ntk", "nngp"),
+        default="ntk",
+        help="kernel used by the regression (default ntk)",
+    )
+    p.add_argument(
+        "--lambdas",
+        default=None,
+        help="comma list of relative ridge values (default: the solver's grid)",
+    )
+    p.add_argument(
+        "--what",
+        type=_parse_what,
+        default=None,
+        help="kernels to store: ntk, nngp or ntk,nngp (default ntk,nngp)",
+    )
     p.add_argument("--tile", type=int, default=None, help="tile side (default: automatic)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="kernel store dtype (default float32)")
-    p.add_argument("--memory-budget", type=_parse_bytes, default=None,
-                   help="bytes per tile on a worker, e.g. 1GiB")
-    p.add_argument("--scheduler", default=None,
-                   help="address (tcp://host:8786) or JSON file of a running dask scheduler")
-    p.add_argument("--cluster", choices=("local", "slurm", "pbs"), default="local",
-                   help="start a LocalCluster (default) or dask-jobqueue workers")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (local: default one per core) or batch jobs")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="kernel store dtype (default float32)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_parse_bytes,
+        default=None,
+        help="bytes per tile on a worker, e.g. 1GiB",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=("local", "slurm", "pbs"),
+        default="local",
+        help="start a LocalCluster (default) or dask-jobqueue workers",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (local: default one per core) or batch jobs",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_run)
@@ -317,10 +434,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     request = _request_from_args(args, "image" if args.kernel == "cdeq" else "flat")
     runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
     report = run_pipeline(
-        args.workdir, request, spec, kernels=args.what, solve_kernel=args.solve_kernel,
-        lambdas=lambdas, tile=args.tile, dtype=args.dtype, runtime=runtime,
-        memory_budget=args.memory_budget, overwrite=args.overwrite,
-        install=not args.no_install, progress=not args.no_progress,
+        args.workdir,
+        request,
+        spec,
+        kernels=args.what,
+        solve_kernel=args.solve_kernel,
+        lambdas=lambdas,
+        tile=args.tile,
+        dtype=args.dtype,
+        runtime=runtime,
+        memory_budget=args.memory_budget,
+        overwrite=args.overwrite,
+        install=not args.no_install,
+        progress=not args.no_progress,
     )
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

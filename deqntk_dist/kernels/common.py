@@ -53,7 +53,9 @@ def as_float_array(name: str, value, ndim: int, *, what: str) -> np.ndarray:
     except Exception as exc:  # pragma: no cover - exotic objects
         raise InputError(f"{name} must be an array of shape {what}, got {type(value)!r}") from exc
     if arr.dtype.kind not in "fiu" or arr.dtype == bool:
-        raise InputError(f"{name} must be a real numeric array of shape {what}, got dtype {arr.dtype}")
+        raise InputError(
+            f"{name} must be a real numeric array of shape {what}, got dtype {arr.dtype}"
+        )
     if arr.ndim != ndim:
         raise InputError(f"{name} must have {ndim} dimensions {what}, got shape {arr.shape}")
     if arr.size == 0 or arr.shape[0] == 0:

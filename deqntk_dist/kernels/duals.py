@@ -39,8 +39,9 @@ def gauss_hermite(n_nodes: int = DEFAULT_QUAD_NODES) -> tuple[np.ndarray, np.nda
         ``E[f(z)] ~= sum(weights * f(nodes))`` for ``z ~ N(0, 1)``.
     """
     if not 2 <= n_nodes <= 150:
-        raise ValueError(f"n_nodes must be in [2, 150] (numpy's Gauss-Hermite overflows above), "
-                         f"got {n_nodes}")
+        raise ValueError(
+            f"n_nodes must be in [2, 150] (numpy's Gauss-Hermite overflows above), got {n_nodes}"
+        )
     z, w = np.polynomial.hermite_e.hermegauss(n_nodes)
     w = w / w.sum()
     z.setflags(write=False)
@@ -181,7 +182,9 @@ def dual_maps(
     k1, k0 : ndarray, broadcast shape of ``a, b, c``
     """
     if activation not in ACTIVATION_IDS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATION_IDS)}, got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {', '.join(ACTIVATION_IDS)}, got {activation!r}"
+        )
     if quadrature is None:
         quadrature = uses_quadrature(activation)
     elif not quadrature and uses_quadrature(activation):

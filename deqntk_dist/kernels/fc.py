@@ -18,7 +18,15 @@ import numpy as np
 
 from ..spec import DEQSpec
 from .common import GRAM_BLOCK, KernelResult, gram, raise_failures
-from .duals import _INV_2PI, ACTIVATION_IDS, DEFAULT_QUAD_NODES, dual_maps, gauss_hermite, k1k0, relu_normalised
+from .duals import (
+    _INV_2PI,
+    ACTIVATION_IDS,
+    DEFAULT_QUAD_NODES,
+    dual_maps,
+    gauss_hermite,
+    k1k0,
+    relu_normalised,
+)
 
 __all__ = [
     "injection",
@@ -57,7 +65,7 @@ def _relu_solve_r(t, sw2, r0):
     """Newton for ``r - sw2 f(r) = t`` from ``r0`` (concave h: monotone convergence)."""
     r = r0
     it = 0
-    for it in range(1, MAX_ITER + 1):
+    for it in range(1, MAX_ITER + 1):  # noqa: B007 (it is the count returned)
         f, k0 = relu_normalised(r)
         dr = (r - sw2 * f - t) / (1.0 - sw2 * k0)
         r_new = min(max(r - dr, -1.0), 1.0)
@@ -254,7 +262,7 @@ def _solve_entry(act, use_quad, sw2, a, b, inj, c0, nodes, weights):
     lo, hi = -bound, bound
     c = min(max(c0, lo), hi)
     it = 0
-    for it in range(1, MAX_ITER + 1):
+    for it in range(1, MAX_ITER + 1):  # noqa: B007 (it is the count returned)
         k1, k0 = k1k0(act, use_quad, a, b, c, nodes, weights)
         g = c - sw2 * k1 - inj
         if g < 0.0:
@@ -274,8 +282,9 @@ def _solve_entry(act, use_quad, sw2, a, b, inj, c0, nodes, weights):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy")
-def _generic_tile(act, use_quad, sw2, G, su2_d, sb2, Ix, Iy, Sx, Sy, nodes, weights,
-                  ntk, nngp, res, its):
+def _generic_tile(
+    act, use_quad, sw2, G, su2_d, sb2, Ix, Iy, Sx, Sy, nodes, weights, ntk, nngp, res, its
+):
     n, m = G.shape
     for i in nb.prange(n):
         for j in range(m):
@@ -311,7 +320,7 @@ def _generic_diag(act, use_quad, sw2, Ix, nodes, weights, out, res, its):
             its[i] = 200
             continue
         it = 0
-        for it in range(1, 200):
+        for it in range(1, 200):  # noqa: B007 (it is the count returned)
             mid = 0.5 * (lo + hi)
             if mid <= lo or mid >= hi:
                 break
@@ -344,8 +353,10 @@ def self_covariance(spec: DEQSpec, X: np.ndarray, *, n_nodes: int | None = None)
     if spec.activation == "relu":
         return Ix / (1.0 - spec.sigma_w2 / 2.0)
     out, res, its = _generic_self(spec, Ix, n_nodes)
-    raise_failures((~np.isfinite(out) | (res > RESIDUAL_TOL))[:, None],
-                   f"{spec.activation} DEQ self-covariance")
+    raise_failures(
+        (~np.isfinite(out) | (res > RESIDUAL_TOL))[:, None],
+        f"{spec.activation} DEQ self-covariance",
+    )
     return out
 
 
@@ -354,8 +365,17 @@ def _generic_self(spec, Ix, n_nodes):
     out = np.empty_like(Ix)
     res = np.empty_like(Ix)
     its = np.empty(Ix.shape, dtype=np.int64)
-    _generic_diag(ACTIVATION_IDS[spec.activation], spec.activation not in ("relu", "erf"),
-                  spec.sigma_w2, Ix, nodes, weights, out, res, its)
+    _generic_diag(
+        ACTIVATION_IDS[spec.activation],
+        spec.activation not in ("relu", "erf"),
+        spec.sigma_w2,
+        Ix,
+        nodes,
+        weights,
+        out,
+        res,
+        its,
+    )
     return out, res, its
 
 
@@ -367,8 +387,10 @@ def _generic_fc(spec: DEQSpec, X, Y, symmetric: bool, n_nodes) -> KernelResult:
     Sx, dres, dits = _generic_self(spec, Ix, n_nodes)
     Sy = Sx if symmetric else _generic_self(spec, Iy, n_nodes)[0]
     if not (np.isfinite(Sx).all() and np.isfinite(Sy).all()):
-        raise_failures(~np.isfinite(np.concatenate([Sx, Sy]))[:, None],
-                       f"{spec.activation} DEQ self-covariance")
+        raise_failures(
+            ~np.isfinite(np.concatenate([Sx, Sy]))[:, None],
+            f"{spec.activation} DEQ self-covariance",
+        )
     G = gram(X, Y)
     n, m = G.shape
     ntk = np.empty((n, m))
@@ -376,24 +398,45 @@ def _generic_fc(spec: DEQSpec, X, Y, symmetric: bool, n_nodes) -> KernelResult:
     res = np.empty((n, m))
     its = np.empty((n, m), dtype=np.int64)
     nodes, weights = gauss_hermite(n_nodes or DEFAULT_QUAD_NODES)
-    _generic_tile(ACTIVATION_IDS[spec.activation], spec.activation not in ("relu", "erf"),
-                  spec.sigma_w2, G, su2_d, spec.sigma_b2, Ix, Iy, Sx, Sy, nodes, weights,
-                  ntk, nngp, res, its)
+    _generic_tile(
+        ACTIVATION_IDS[spec.activation],
+        spec.activation not in ("relu", "erf"),
+        spec.sigma_w2,
+        G,
+        su2_d,
+        spec.sigma_b2,
+        Ix,
+        Iy,
+        Sx,
+        Sy,
+        nodes,
+        weights,
+        ntk,
+        nngp,
+        res,
+        its,
+    )
     if symmetric:
         _mirror_upper(nngp)
         _mirror_upper(ntk)
         _mirror_upper(res)
     failed = (res > RESIDUAL_TOL) | ~np.isfinite(ntk) | ~np.isfinite(nngp)
     raise_failures(
-        failed, f"{spec.activation} DEQ kernel",
+        failed,
+        f"{spec.activation} DEQ kernel",
         " (the fixed point may not exist for these parameters: try a smaller sigma_w2)",
     )
-    return KernelResult(ntk=ntk, nngp=nngp, max_residual=float(res.max()),
-                        iterations=int(max(its.max(), dits.max())))
+    return KernelResult(
+        ntk=ntk,
+        nngp=nngp,
+        max_residual=float(res.max()),
+        iterations=int(max(its.max(), dits.max())),
+    )
 
 
-def fc_kernel(spec: DEQSpec, X: np.ndarray, Y: np.ndarray | None = None, *,
-              n_nodes: int | None = None) -> KernelResult:
+def fc_kernel(
+    spec: DEQSpec, X: np.ndarray, Y: np.ndarray | None = None, *, n_nodes: int | None = None
+) -> KernelResult:
     """DEQ-NTK and NNGP of a fully-connected DEQ on a tile.
 
     Parameters
@@ -461,12 +504,18 @@ def finite_depth_kernel(
         k1x, _ = dual_maps(spec.activation, Sx, Sx, Sx, **kw)
         k1y, _ = dual_maps(spec.activation, Sy, Sy, Sy, **kw)
         if injection_all_layers:
-            S_new, Sx_new, Sy_new = spec.sigma_w2 * k1 + Ixy, spec.sigma_w2 * k1x + Ixx, \
-                spec.sigma_w2 * k1y + Iyy
+            S_new, Sx_new, Sy_new = (
+                spec.sigma_w2 * k1 + Ixy,
+                spec.sigma_w2 * k1x + Ixx,
+                spec.sigma_w2 * k1y + Iyy,
+            )
         else:
             b = spec.sigma_b2
-            S_new, Sx_new, Sy_new = spec.sigma_w2 * k1 + b, spec.sigma_w2 * k1x + b, \
-                spec.sigma_w2 * k1y + b
+            S_new, Sx_new, Sy_new = (
+                spec.sigma_w2 * k1 + b,
+                spec.sigma_w2 * k1x + b,
+                spec.sigma_w2 * k1y + b,
+            )
         T_new = S_new + spec.sigma_w2 * k0 * T
         change = float(np.max(np.abs(T_new - T)) / max(np.max(np.abs(T_new)), 1e-300))
         S, Sx, Sy, T = S_new, Sx_new, Sy_new, T_new
