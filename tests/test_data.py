@@ -438,3 +438,38 @@ def test_select_rows_drawn_split_is_disjoint():
     raw = replace(raw, x_test=x[:10], y_test=np.arange(10) % 5)
     xs, ys, xt, yt, sel = select_rows(raw, None, None)
     assert xs.shape[0] == 100 and xt.shape[0] == 10 and sel["split"] == "given"
+
+
+def _fake_apt(tmp_path, monkeypatch, script: str) -> Path:
+    """A stand-in `apt-get` on PATH (the real one must not run in tests)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apt = bin_dir / "apt-get"
+    apt.write_text("#!/bin/sh\n" + script)
+    apt.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0)
+    return apt
+
+
+def test_ensure_fashion_mnist_installs_with_apt(tmp_path, monkeypatch):
+    target = tmp_path / "share" / "fashion-mnist"
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(target))
+    log = tmp_path / "apt.log"
+    _fake_apt(
+        tmp_path,
+        monkeypatch,
+        f'echo "$@" >> {log}\nmkdir -p {target}\ntouch {target}/train-images-idx3-ubyte.gz\n',
+    )
+    assert ensure_fashion_mnist() == target
+    assert "install -y -q dataset-fashion-mnist" in log.read_text()
+
+
+def test_ensure_fashion_mnist_apt_failure_and_non_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "none"))
+    _fake_apt(tmp_path, monkeypatch, 'echo "E: Unable to locate package" >&2\nexit 100\n')
+    with pytest.raises(DatasetError, match="apt-get failed .*Unable to locate package.*--source"):
+        ensure_fashion_mnist()
+    monkeypatch.setattr(data.os, "geteuid", lambda: 1000)
+    with pytest.raises(DatasetError, match="is not installed in .*sudo apt-get install -y"):
+        load_dataset("fashion-mnist")
