@@ -57,6 +57,10 @@ class TileJob:
     threads: int | None = 1
     options: dict = field(default_factory=dict)
 
+    def describe(self) -> str:
+        (r0, r1), (c0, c1) = self.rows, self.cols
+        return f"tile ({self.i}, {self.j}) rows [{r0}, {r1}) x cols [{c0}, {c1})"
+
 
 @dataclass(frozen=True, kw_only=True)
 class AuxJob:
@@ -67,6 +71,9 @@ class AuxJob:
     start: int
     stop: int
     threads: int | None = 1
+
+    def describe(self) -> str:
+        return f"self-covariance rows [{self.start}, {self.stop})"
 
 
 _STORES: dict[tuple, KernelStore] = {}
@@ -144,8 +151,7 @@ def run_tile(job: TileJob) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     ks = _store(job.store)
-    (r0, r1), (c0, c1) = job.rows, job.cols
-    what = f"tile ({job.i}, {job.j}) rows [{r0}, {r1}) x cols [{c0}, {c1})"
+    what = job.describe()
     X = _rows(job.dataset, *job.rows)
     Y = None if job.i == job.j else _rows(job.dataset, *job.cols)
     kw = dict(job.options)
@@ -195,7 +201,7 @@ def run_self_covariance(job: AuxJob) -> dict[str, Any]:
         with _thread_limit(job.threads):
             sc = self_covariance(ks.spec, X)
     except DeqntkError as exc:
-        return _failure(f"self-covariance rows [{job.start}, {job.stop})", exc)
+        return _failure(job.describe(), exc)
     ks.write_self_covariance(job.start, job.stop, sc)
     return {"ok": True, "rows": (job.start, job.stop), "peak_rss": _peak_rss()}
 
@@ -323,6 +329,7 @@ def _run_jobs(client, fn, jobs, *, limit, retries, token, on_result):
     failures: list[dict] = []
     pending = iter(enumerate(jobs))
     ac = as_completed()
+    described: dict[str, str] = {}
 
     def submit_next() -> bool:
         nxt = next(pending, None)
@@ -330,6 +337,7 @@ def _run_jobs(client, fn, jobs, *, limit, retries, token, on_result):
             return False
         k, job = nxt
         key = f"deqntk-{fn.__name__}-{token}-{k}"
+        described[key] = job.describe()
         ac.add(client.submit(fn, job, key=key, retries=retries, pure=False))
         return True
 
@@ -342,10 +350,11 @@ def _run_jobs(client, fn, jobs, *, limit, retries, token, on_result):
         except Exception as exc:  # remote error after retries, or a lost worker
             out = {
                 "ok": False,
-                "what": fut.key,
+                "what": described.get(fut.key, str(fut.key)),
                 "type": "",
                 "error": f"{type(exc).__name__}: {exc}",
             }
+        described.pop(fut.key, None)
         fut.release()
         if out.get("ok"):
             on_result(out)
