@@ -1,0 +1,146 @@
+"""`deqntk compute / status / verify` as subprocesses: SIGKILL part-way and resume."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from deqntk_dist import DEQSpec, kernel_matrix, open_kernel_store, write_dataset_store
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+SPEC_ARGS = ["--sigma-w2", "1.1", "--sigma-u2", "0.7", "--sigma-b2", "0.05"]
+SPEC = DEQSpec(sigma_w2=1.1, sigma_u2=0.7, sigma_b2=0.05)
+
+
+def _cli(*args, **kw):
+    return [sys.executable, "-m", "deqntk_dist.cli", *map(str, args)]
+
+
+def _done_files(store) -> int:
+    root = os.path.join(store, "ledger", "done", "c")
+    return sum(len(files) for _, _, files in os.walk(root)) if os.path.isdir(root) else 0
+
+
+def test_sigkill_then_rerun_completes_exactly_the_missing_tiles(tmp_path, rng):
+    n, tile = 400, 16
+    x = rng.normal(size=(n, 30))
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 5, n), n_train=350, name="t")
+    store = str(tmp_path / "ks")
+    cmd = _cli(
+        "compute",
+        ds.path,
+        store,
+        *SPEC_ARGS,
+        "--tile",
+        tile,
+        "--workers",
+        2,
+        "--what",
+        "ntk,nngp",
+        "--max-in-flight",
+        2,
+    )
+    n_tiles = 25 * 26 // 2
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _done_files(store) < 40 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes
+        proc.wait()
+    time.sleep(0.5)
+    ks = open_kernel_store(store)
+    led = ks.ledger()
+    before = {t for t in ks.plan.tiles() if led["done"][t]}
+    assert 0 < len(before) < n_tiles
+    rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    m = re.search(r"(\d+) done, computing (\d+)", rerun.stderr)
+    assert m and int(m.group(1)) == len(before) and int(m.group(2)) == n_tiles - len(before)
+    assert f"computed {n_tiles - len(before)} tiles" in rerun.stdout
+    after = open_kernel_store(store).ledger()
+    for t in before:  # finished tiles were not recomputed
+        assert after["finished"][t] == led["finished"][t]
+        assert after["checksum"][t] == led["checksum"][t]
+    assert after["done"].all()
+    full = kernel_matrix(SPEC, x.astype(np.float32))
+    ks = open_kernel_store(store)
+    np.testing.assert_array_equal(ks.array("ntk")[...], full.ntk.astype(np.float32))
+    np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))
+    ok = subprocess.run(_cli("verify", store), capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+    st = subprocess.run(_cli("status", store), capture_output=True, text=True)
+    assert st.returncode == 0 and f"{n_tiles}/{n_tiles} done" in st.stdout
+
+
+def test_verify_status_and_errors_through_the_cli(tmp_path, rng):
+    n = 70
+    x = rng.normal(size=(n, 6))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=60, name="t")
+    store = tmp_path / "ks"
+    done = subprocess.run(
+        _cli(
+            "compute",
+            ds.path,
+            store,
+            *SPEC_ARGS,
+            "--tile",
+            32,
+            "--workers",
+            2,
+            "--what",
+            "ntk",
+            "--dtype",
+            "float64",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tiles" in done.stderr and "entries/s" in done.stderr and "dashboard" in done.stderr
+    np.testing.assert_array_equal(
+        open_kernel_store(store).array("ntk")[...], kernel_matrix(SPEC, x.astype(np.float32)).ntk
+    )
+    # corrupt one chunk file on disk: verify must fail and name the tile
+    chunk = store / "ntk" / "c" / "1" / "2"
+    raw = bytearray(chunk.read_bytes())
+    raw[8 * 5 + 3] ^= 0x40
+    chunk.write_bytes(bytes(raw))
+    bad = subprocess.run(_cli("verify", store), capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "PROBLEM: tile (1, 2): checksum mismatch" in bad.stdout
+    # a missing tile in the ledger shows in status and verify
+    zarr.open_array(str(store / "ledger" / "done"), mode="r+")[0, 1] = False
+    st = subprocess.run(_cli("status", store), capture_output=True, text=True)
+    assert "5/6 done" in st.stdout
+    assert subprocess.run(_cli("verify", store), capture_output=True).returncode == 1
+    # mismatched spec, missing dataset store, missing kernel store: exit 2, clear message
+    mism = subprocess.run(
+        _cli("compute", ds.path, store, "--sigma-w2", "1.5", "--workers", 1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert mism.returncode == 2 and "different settings" in mism.stderr
+    assert "sigma_w2" in mism.stderr
+    nods = subprocess.run(
+        _cli("compute", tmp_path / "nope", tmp_path / "k2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert nods.returncode == 2 and "dataset store not found" in nods.stderr
+    nostore = subprocess.run(_cli("status", tmp_path / "k3"), capture_output=True, text=True)
+    assert nostore.returncode == 2 and "kernel store not found" in nostore.stderr
