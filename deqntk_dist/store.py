@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numba as nb
 import numpy as np
 import zarr
 
@@ -72,6 +73,35 @@ def checksum(values: np.ndarray) -> int:
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return zlib.crc32(memoryview(a).cast("B"))
+
+
+@nb.njit(cache=True, nogil=True)
+def _cast_mirror(src, up, lo):
+    """``up = src`` and ``lo = src.T`` (cast to their dtype), 16-row stripes."""
+    n, m = src.shape
+    B = 16
+    for i0 in range(0, n, B):
+        i1 = min(i0 + B, n)
+        for j in range(m):
+            for i in range(i0, i1):
+                up[i, j] = src[i, j]
+        for j0 in range(0, m, B):
+            j1 = min(j0 + B, m)
+            for j in range(j0, j1):
+                for i in range(i0, i1):
+                    lo[j, i] = up[i, j]
+
+
+def cast_and_mirror(block: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A tile cast to ``dtype`` and its transpose, both C-contiguous.
+
+    Rounds exactly like ``block.astype(dtype)`` (IEEE round to nearest even).
+    """
+    src = np.ascontiguousarray(block)
+    up = np.empty(src.shape, dtype=dtype)
+    lo = np.empty(src.shape[::-1], dtype=dtype)
+    _cast_mirror(src, up, lo)
+    return up, lo
 
 
 def _software() -> dict[str, str]:
@@ -293,12 +323,14 @@ class KernelStore:
                     f"tile ({i}, {j}) {name} must have shape {(r1 - r0, c1 - c0)}, "
                     f"got {block.shape}"
                 )
-            cast = np.ascontiguousarray(block, dtype=self.dtype)
+            if i == j:
+                cast = np.ascontiguousarray(block, dtype=self.dtype)
+            else:
+                cast, mirror = cast_and_mirror(block, self.dtype)
             arr = self._root[name]
             arr[r0:r1, c0:c1] = cast
             crc = zlib.crc32(memoryview(cast).cast("B"), crc)
             if i != j:
-                mirror = np.ascontiguousarray(cast.T)
                 arr[c0:c1, r0:r1] = mirror
                 crc_m = zlib.crc32(memoryview(mirror).cast("B"), crc_m)
         if i == j:

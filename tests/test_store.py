@@ -163,3 +163,19 @@ def test_read_only_open_refuses_writes(tmp_path, ds):
     ks = open_kernel_store(tmp_path / "ks")
     with pytest.raises(StoreError, match="read-only"):
         ks.write_tile(0, 0, {}, max_residual=0.0, iterations=1, seconds=0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cast_and_mirror_rounds_like_astype(rng, dtype):
+    from deqntk_dist.store import cast_and_mirror
+
+    a = rng.random((37, 70)) * np.exp(rng.normal(size=(37, 70)) * 40)
+    a[0, :5] = [np.inf, -np.inf, 1e-320, 7e38, -0.0]
+    a[1, 0] = np.nan
+    with np.errstate(over="ignore"):
+        ref = a.astype(dtype)
+    up, lo = cast_and_mirror(a, dtype)
+    assert up.flags.c_contiguous and lo.flags.c_contiguous and lo.shape == (70, 37)
+    bits = np.uint32 if dtype == np.float32 else np.uint64
+    np.testing.assert_array_equal(up.view(bits), ref.view(bits))
+    np.testing.assert_array_equal(lo.view(bits), np.ascontiguousarray(ref.T).view(bits))
