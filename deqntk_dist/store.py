@@ -354,23 +354,24 @@ class KernelStore:
     def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""
         self._require_writable()
-        if start % AUX_ROWS or not (stop == min(start + AUX_ROWS, self.n)):
+        arr = self._root["aux/self_cov"]
+        rows = arr.chunks[0]
+        if start % rows or not (stop == min(start + rows, self.n)):
             raise InputError(
-                f"self-covariance rows must be one aux chunk [k*{AUX_ROWS}, "
-                f"min((k+1)*{AUX_ROWS}, n)), got [{start}, {stop})"
+                f"self-covariance rows must be one aux chunk [k*{rows}, "
+                f"min((k+1)*{rows}, n)), got [{start}, {stop})"
             )
-        self._root["aux/self_cov"][start:stop] = values
-        self._root["aux/self_cov_done"][start // AUX_ROWS] = True
+        arr[start:stop] = values
+        self._root["aux/self_cov_done"][start // rows] = True
 
     def self_covariance_missing(self) -> list[tuple[int, int]]:
         """Row chunks ``(start, stop)`` of ``aux/self_cov`` not yet written (CDEQ only)."""
         if "aux" not in self._root:
             return []
         flags = np.asarray(self._root["aux/self_cov_done"][...])
+        rows = self._root["aux/self_cov"].chunks[0]
         return [
-            (k * AUX_ROWS, min((k + 1) * AUX_ROWS, self.n))
-            for k in range(flags.shape[0])
-            if not flags[k]
+            (k * rows, min((k + 1) * rows, self.n)) for k in range(flags.shape[0]) if not flags[k]
         ]
 
     def self_covariance_rows(self, start: int, stop: int) -> np.ndarray:
@@ -465,6 +466,7 @@ def create_kernel_store(
     dtype: str = "float32",
     kernels=("ntk",),
     options: dict | None = None,
+    aux_rows: int = AUX_ROWS,
 ) -> KernelStore:
     """Create a kernel store for ``dataset`` (or reopen a compatible existing one).
 
@@ -482,6 +484,8 @@ def create_kernel_store(
     kernels : sequence of {"ntk", "nngp"}
     options : dict, optional
         Kernel options passed to every tile (part of the store's identity).
+    aux_rows : int
+        Rows per chunk (and per task) of the CDEQ self-covariances.
 
     Returns
     -------
@@ -562,13 +566,13 @@ def create_kernel_store(
                 "self_cov",
                 shape=(n, H, W),
                 dtype="float64",
-                chunks=(AUX_ROWS, H, W),
+                chunks=(aux_rows, H, W),
                 compressors=None,
                 fill_value=math.nan,
             )
             aux.create_array(
                 "self_cov_done",
-                shape=(-(-n // AUX_ROWS),),
+                shape=(-(-n // aux_rows),),
                 dtype="bool",
                 chunks=(1,),
                 fill_value=False,

@@ -71,29 +71,27 @@ def test_tiled_store_equals_untiled_deq(tmp_path, rng, client, dtype):
     assert (again.tiles_computed, again.tiles_done_before) == (0, 6)
 
 
-def test_tiled_store_equals_untiled_cdeq(tmp_path, rng, client):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tiled_store_equals_untiled_cdeq(tmp_path, rng, client, dtype):
     pytest.importorskip("deqntk_dist.kernels.conv")
+    from deqntk_dist.kernels import self_covariance
+    from deqntk_dist.store import create_kernel_store
+
     spec = CDEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.1, filter_size=3)
     n = 23
     x = rng.normal(size=(n, 6, 5, 2))
     ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, n), n_train=20, name="img")
-    compute_kernel_store(
-        ds,
-        tmp_path / "ks",
-        spec,
-        tile=8,
-        dtype="float64",
-        kernels=("ntk", "nngp"),
-        client=client,
-        progress=False,
+    # self-covariances in 3 row chunks (3 tasks), then the 6 tiles
+    create_kernel_store(
+        tmp_path / "ks", ds, spec, tile=8, dtype=dtype, kernels=("ntk", "nngp"), aux_rows=10
     )
+    rep = compute_kernel_store(ds, tmp_path / "ks", spec, client=client, progress=False)
+    assert rep.tiles_computed == 6
     x32 = x.astype(np.float32)
     full = kernel_matrix(spec, x32)
     ks = open_kernel_store(tmp_path / "ks")
-    np.testing.assert_array_equal(ks.array("ntk")[...], full.ntk)
-    np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp)
-    from deqntk_dist.kernels import self_covariance
-
+    np.testing.assert_array_equal(ks.array("ntk")[...], full.ntk.astype(dtype))
+    np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(dtype))
     np.testing.assert_array_equal(ks.self_covariance(), self_covariance(spec, x32))
     assert verify_kernel_store(ks.path) == []
 
