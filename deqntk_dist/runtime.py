@@ -18,7 +18,14 @@ import psutil
 
 from .errors import InputError, StoreError
 
-__all__ = ["RuntimeConfig", "WORKER_ENV", "dask_client", "cluster_summary", "dashboard_link"]
+__all__ = [
+    "RuntimeConfig",
+    "WORKER_ENV",
+    "cluster_summary",
+    "dashboard_link",
+    "dask_client",
+    "jobqueue_cluster",
+]
 
 #: Environment of LocalCluster worker processes: one compute thread per worker.
 WORKER_ENV = {
@@ -41,7 +48,9 @@ class RuntimeConfig:
         overrides ``cluster``.
     cluster : {"local", "slurm", "pbs"}
         ``local`` starts a LocalCluster; ``slurm`` / ``pbs`` start dask-jobqueue workers
-        configured by dask's ``jobqueue`` config (``~/.config/dask/jobqueue.yaml``).
+        configured by dask's ``jobqueue`` config (``~/.config/dask/jobqueue.yaml`` or
+        ``$DASK_CONFIG``, see ``cluster/``); without ``workers`` they scale adaptively
+        when the dask config has ``deqntk.adapt``.
     workers : int, optional
         Worker processes (default: the number of cores for ``local``, 1 job otherwise).
     memory_limit : str or int, optional
@@ -67,6 +76,35 @@ def _default_workers() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
+def jobqueue_cluster(kind: str, **kwargs):
+    """A dask-jobqueue ``SLURMCluster`` / ``PBSCluster`` from dask's ``jobqueue.<kind>`` config.
+
+    No job is submitted.  The worker thread limits of :data:`WORKER_ENV` are appended to the
+    config's ``job-script-prologue`` (which is kept); ``kwargs`` override the config.
+    """
+    import dask
+
+    try:
+        import dask_jobqueue
+    except ImportError as exc:  # pragma: no cover - optional extra
+        raise InputError(
+            f"cluster={kind!r} needs dask-jobqueue: pip install 'deqntk_dist[jobqueue]'"
+        ) from exc
+    if kind not in ("slurm", "pbs"):
+        raise InputError(f"kind must be 'slurm' or 'pbs', got {kind!r}")
+    cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
+    prologue = list(dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or [])
+    prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items()]
+    return cls(**{"job_script_prologue": prologue, **kwargs})
+
+
+def _worker_timeout() -> float:
+    """Seconds to wait for the first worker (dask config ``deqntk.worker-timeout``)."""
+    import dask
+
+    return float(dask.config.get("deqntk.worker-timeout", 600))
+
+
 @contextlib.contextmanager
 def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     """Yield a ``distributed.Client`` for ``config``; close what was started on exit.
@@ -87,21 +125,27 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
         except OSError as exc:
             raise StoreError(f"cannot connect to the dask scheduler {target}: {exc}") from exc
         try:
+            timeout = _worker_timeout()
+            try:
+                client.wait_for_workers(1, timeout=timeout)
+            except TimeoutError as exc:
+                raise StoreError(
+                    f"no dask worker joined the scheduler {target} within {timeout:g} s "
+                    "(dask config deqntk.worker-timeout)"
+                ) from exc
             yield client
         finally:
             client.close()
         return
     if config.cluster in ("slurm", "pbs"):
-        try:
-            import dask_jobqueue
-        except ImportError as exc:  # pragma: no cover - optional extra
-            raise InputError(
-                f"cluster={config.cluster!r} needs dask-jobqueue: "
-                "pip install 'deqntk_dist[jobqueue]'"
-            ) from exc
-        cls = dask_jobqueue.SLURMCluster if config.cluster == "slurm" else dask_jobqueue.PBSCluster
-        cluster = cls(job_script_prologue=[f"export {k}={v}" for k, v in WORKER_ENV.items()])
-        cluster.scale(jobs=config.workers or 1)
+        import dask
+
+        cluster = jobqueue_cluster(config.cluster)
+        adapt = dask.config.get("deqntk.adapt", None)
+        if config.workers is None and adapt:
+            cluster.adapt(**{k.replace("-", "_"): v for k, v in adapt.items()})
+        else:
+            cluster.scale(jobs=config.workers or 1)
     else:
         n = config.workers or _default_workers()
         cluster = LocalCluster(
@@ -116,7 +160,7 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     try:
         client = Client(cluster)
         try:
-            client.wait_for_workers(1, timeout=600)
+            client.wait_for_workers(1, timeout=_worker_timeout())
             yield client
         finally:
             client.close()
