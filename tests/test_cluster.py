@@ -325,3 +325,81 @@ def test_static_cluster_scripts(data, tmp_path):
     finally:
         stopped = sh(str(static / "stop.sh"), "--run-dir", str(run_dir))
     assert "stopped scheduler" in stopped and "stopped worker" in stopped
+
+
+JOBQUEUE_PROBE = """
+import json, dask
+from deqntk_dist.runtime import jobqueue_cluster
+out = {"adapt": dask.config.get("deqntk.adapt"),
+       "timeout": dask.config.get("deqntk.worker-timeout"),
+       "allowed_failures": dask.config.get("distributed.scheduler.allowed-failures")}
+for kind in ("slurm", "pbs"):
+    cluster = jobqueue_cluster(
+        kind, scheduler_options={"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+    )
+    try:
+        out[kind] = cluster.job_script()
+        adapt = {k.replace("-", "_"): v for k, v in out["adapt"].items()}
+        cluster.adapt(**{**adapt, "minimum_jobs": 0})  # accepted; nothing is submitted
+    finally:
+        cluster.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_jobqueue_config_renders_job_script(kind, tmp_path):
+    """cluster/jobqueue.yaml through DASK_CONFIG: the worker job a batch run would submit."""
+    pytest.importorskip("dask_jobqueue")
+    env = {**os.environ, "DASK_CONFIG": str(ROOT / "cluster")}
+    res = subprocess.run(
+        [sys.executable, "-c", JOBQUEUE_PROBE],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["adapt"]["maximum-jobs"] >= out["adapt"]["minimum-jobs"] >= 1
+    assert out["timeout"] >= 600 and out["allowed_failures"] >= 3
+    script = out[kind]
+    directive = {"slurm": "#SBATCH", "pbs": "#PBS"}[kind]
+    walltime = {"slurm": "#SBATCH -t 04:00:00", "pbs": "walltime=04:00:00"}[kind]
+    assert script.startswith("#!/usr/bin/env bash") and directive in script and walltime in script
+    # the config's prologue is kept and deqntk's one-thread limits are appended
+    assert "/.venv/bin/activate" in script
+    for key, value in WORKER_ENV.items():
+        assert f"export {key}={value}" in script
+    worker = next(line for line in script.splitlines() if "distributed.cli.dask_worker" in line)
+    for arg in ("--nthreads 1", "--nworkers 16", "--memory-limit 4.00GiB", "--nanny"):
+        assert arg in worker
+    assert "--local-directory $TMPDIR" in worker
+    # workers retire (lifetime + stagger) at least 10 minutes before the walltime kills them
+    from dask.utils import parse_timedelta
+
+    lifetime = parse_timedelta(re.search(r"--lifetime=(\S+)", worker).group(1))
+    stagger = parse_timedelta(re.search(r"--lifetime-stagger=(\S+)", worker).group(1))
+    h, m, sec = map(int, re.search(r"(\d+):(\d\d):(\d\d)", walltime_line(script)).groups())
+    assert lifetime + stagger <= 3600 * h + 60 * m + sec - 600
+
+
+def walltime_line(script: str) -> str:
+    return next(line for line in script.splitlines() if re.search(r"-t |walltime=", line))
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "static/start-scheduler.sh",
+        "static/start-workers.sh",
+        "static/stop.sh",
+        "slurm/deqntk-compute.sbatch",
+        "slurm/deqntk-static.sbatch",
+        "pbs/deqntk-compute.pbs",
+    ],
+)
+def test_cluster_scripts_parse(script):
+    res = subprocess.run(["bash", "-n", str(ROOT / "cluster" / script)], capture_output=True)
+    assert res.returncode == 0, res.stderr
