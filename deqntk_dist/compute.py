@@ -24,7 +24,7 @@ import numpy as np
 
 from . import errors
 from .dataset import DatasetStore, open_dataset_store
-from .errors import DeqntkError, InputError, StoreError
+from .errors import DeqntkError, InputError, StoreError, StoreMismatchError
 from .plan import choose_tile
 from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
 from .spec import CDEQSpec, DEQSpec
@@ -77,7 +77,7 @@ class AuxJob:
 
 
 _STORES: dict[tuple, KernelStore] = {}
-_DATASETS: dict[str, DatasetStore] = {}
+_DATASETS: dict[tuple, DatasetStore] = {}
 _ROWS: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _ROWS_KEEP = 3
 
@@ -90,19 +90,30 @@ def _store(path: str) -> KernelStore:
     return _STORES[key]
 
 
-def _rows(dataset: str, start: int, stop: int) -> np.ndarray:
-    """float64 rows of a dataset store, with a small per-process cache (tiles of a row
-    block run one after another, so the row block is read once per worker)."""
-    if dataset not in _DATASETS:
+def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
+    """float64 rows of the dataset store a kernel store was made for.
+
+    A small per-process cache keeps the last row blocks (tiles of a row block run one after
+    another, so a worker reads each block once).  The dataset must still carry the
+    fingerprint recorded in the kernel store: rows of another dataset are never mixed in.
+    """
+    key = (dataset, os.stat(Path(dataset) / "zarr.json").st_mtime_ns)
+    if key not in _DATASETS:
         _DATASETS.clear()
         _ROWS.clear()
-        _DATASETS[dataset] = open_dataset_store(dataset)
-    key = (dataset, start, stop)
-    if key in _ROWS:
-        _ROWS.move_to_end(key)
-        return _ROWS[key]
-    X = _DATASETS[dataset].rows(start, stop).astype(np.float64)
-    _ROWS[key] = X
+        _DATASETS[key] = open_dataset_store(dataset)
+    ds = _DATASETS[key]
+    if ds.fingerprint != fingerprint:
+        raise StoreMismatchError(
+            f"dataset store {dataset} now has fingerprint {ds.fingerprint}, but the kernel "
+            f"store was computed from {fingerprint}; it was changed after the store was made"
+        )
+    rkey = (key, start, stop)
+    if rkey in _ROWS:
+        _ROWS.move_to_end(rkey)
+        return _ROWS[rkey]
+    X = ds.rows(start, stop).astype(np.float64)
+    _ROWS[rkey] = X
     while len(_ROWS) > _ROWS_KEEP:
         _ROWS.popitem(last=False)
     return X
@@ -152,8 +163,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     ks = _store(job.store)
     what = job.describe()
-    X = _rows(job.dataset, *job.rows)
-    Y = None if job.i == job.j else _rows(job.dataset, *job.cols)
+    X = _rows(job.dataset, ks.dataset_fingerprint, *job.rows)
+    Y = None if job.i == job.j else _rows(job.dataset, ks.dataset_fingerprint, *job.cols)
     kw = dict(job.options)
     if isinstance(ks.spec, CDEQSpec):
         kw["self_x"] = ks.self_covariance_rows(*job.rows)
@@ -196,7 +207,7 @@ def run_self_covariance(job: AuxJob) -> dict[str, Any]:
     from .kernels import self_covariance
 
     ks = _store(job.store)
-    X = _rows(job.dataset, job.start, job.stop)
+    X = _rows(job.dataset, ks.dataset_fingerprint, job.start, job.stop)
     try:
         with _thread_limit(job.threads):
             sc = self_covariance(ks.spec, X)
@@ -224,6 +235,8 @@ class ComputeReport:
     max_residual : float
     peak_rss : dict
         Worker pid -> peak resident memory (bytes) reported by its tiles.
+    compute_seconds, write_seconds : float
+        Summed over tiles: reading rows + kernel maths, and cast + checksum + write + ledger.
     tile : int
     workers : int
     """
@@ -238,6 +251,8 @@ class ComputeReport:
     bytes_written: int
     max_residual: float
     peak_rss: dict
+    compute_seconds: float
+    write_seconds: float
     tile: int
     workers: int
 
@@ -538,12 +553,14 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         for i, j in missing
     ]
     bar = Progress(plan.n_tiles, done_before, entries_total, entries_before, enabled=progress)
-    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}}
+    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}, "compute": 0.0, "write": 0.0}
 
     def on_result(r: dict) -> None:
         acc["entries"] += r["entries"]
         acc["bytes"] += r["bytes"]
         acc["res"] = max(acc["res"], r["max_residual"])
+        acc["compute"] += r["seconds"]
+        acc["write"] += r["write_seconds"]
         acc["peak"][r["pid"]] = max(acc["peak"].get(r["pid"], 0), r["peak_rss"])
         bar.update(r["entries"])
 
@@ -574,6 +591,8 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         bytes_written=acc["bytes"],
         max_residual=acc["res"],
         peak_rss=dict(acc["peak"]),
+        compute_seconds=acc["compute"],
+        write_seconds=acc["write"],
         tile=plan.tile,
         workers=summary["workers"],
     )

@@ -144,3 +144,41 @@ def test_verify_status_and_errors_through_the_cli(tmp_path, rng):
     assert nods.returncode == 2 and "dataset store not found" in nods.stderr
     nostore = subprocess.run(_cli("status", tmp_path / "k3"), capture_output=True, text=True)
     assert nostore.returncode == 2 and "kernel store not found" in nostore.stderr
+
+
+def test_compute_on_an_existing_scheduler(tmp_path, rng):
+    import logging
+
+    from distributed import LocalCluster
+
+    n = 50
+    x = rng.normal(size=(n, 5))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    ) as cluster:
+        run = subprocess.run(
+            _cli(
+                "compute",
+                ds.path,
+                tmp_path / "ks",
+                *SPEC_ARGS,
+                "--tile",
+                20,
+                "--scheduler",
+                cluster.scheduler_address,
+                "--no-progress",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert run.returncode == 0, run.stderr
+    assert "2 workers" in run.stderr and "computed 6 tiles" in run.stdout
+    ks = open_kernel_store(tmp_path / "ks")
+    full = kernel_matrix(SPEC, x.astype(np.float32))
+    np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))

@@ -193,3 +193,23 @@ def test_bad_arguments_and_missing_dataset(tmp_path, rng, client):
             ds, tmp_path / "ks", CDEQSpec(sigma_w2=1.0, sigma_u2=1.0), client=client
         )
     assert not (tmp_path / "ks").exists()
+
+
+def test_dataset_replaced_under_a_store_is_refused(tmp_path, rng, client):
+    from deqntk_dist.errors import StoreMismatchError
+
+    n = 30
+    ds = write_dataset_store(
+        tmp_path / "ds", rng.normal(size=(n, 4)), np.zeros(n, int), n_train=n, name="t"
+    )
+    compute_kernel_store(ds, tmp_path / "ks", SPEC, tile=16, client=client, progress=False)
+    write_dataset_store(
+        tmp_path / "ds",
+        rng.normal(size=(n, 4)),
+        np.zeros(n, int),
+        n_train=n,
+        name="t",
+        overwrite=True,
+    )
+    with pytest.raises(StoreMismatchError, match="dataset fingerprint"):
+        compute_kernel_store(tmp_path / "ds", tmp_path / "ks", SPEC, client=client)

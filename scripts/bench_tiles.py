@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Benchmark: a full tiled kernel store on Dask vs the bare tile kernel, in the same run.
+
+Builds a synthetic dataset of Fashion-MNIST shape (70,000 x 784, pixel-like values in
+[0, 1]) or a subset (``--n``), writes its dataset store, measures the bare tile kernel
+(``kernel_matrix`` on one off-diagonal tile of the same size, with all threads and with one
+thread), then computes the whole kernel store on a LocalCluster and prints wall time,
+entries/s, peak memory per worker, bytes written and the throughput ratios.  The stores are
+written under ``--dir`` (default: a fresh directory in /tmp) and deleted unless ``--keep``.
+
+Throughput is counted in *distinct* Gram entries, ``N (N + 1) / 2`` for the store (the
+mirror halves are copies) and ``tile^2`` for an off-diagonal bare tile.
+
+Example::
+
+    python scripts/bench_tiles.py --n 20000 --what ntk --dtype float32
+    python scripts/bench_tiles.py                      # the full 70k x 70k NTK store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic_fashion(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-like rows: sparse non-negative values in [0, 1], 10 classes."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, d), dtype=np.float32)
+    step = 5000
+    for i in range(0, n, step):
+        block = rng.random((min(step, n - i), d), dtype=np.float32)
+        block[block < 0.5] = 0.0
+        x[i : i + step] = block
+    return x, rng.integers(0, 10, n)
+
+
+def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int) -> float:
+    """Median seconds of ``kernel_matrix`` on one off-diagonal tile x tile block."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    from deqntk_dist import kernel_matrix
+
+    A = X[:tile].astype(np.float64)
+    B = X[tile : 2 * tile].astype(np.float64) if len(X) >= 2 * tile else X[-tile:][::-1].copy()
+    times = []
+    prev = numba.get_num_threads()
+    try:
+        if threads is not None:
+            numba.set_num_threads(threads)
+        with threadpool_limits(limits=threads, user_api="blas") if threads else _null():
+            kernel_matrix(spec, A[:64], B[:64])  # compile / warm up
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                kernel_matrix(spec, A, B)
+                times.append(time.perf_counter() - t0)
+    finally:
+        numba.set_num_threads(prev)
+    return statistics.median(times)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--n", type=int, default=70000, help="rows (default 70000)")
+    p.add_argument("--d", type=int, default=784, help="features (default 784)")
+    p.add_argument("--what", default="ntk", help="ntk | nngp | ntk,nngp (default ntk)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--tile", type=int, default=None, help="tile side (default: memory budget)")
+    p.add_argument("--workers", type=int, default=None, help="workers (default: cores)")
+    p.add_argument("--bare-reps", type=int, default=3, help="bare-kernel repetitions (median)")
+    p.add_argument("--dir", default=None, help="where to write the stores (default /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the stores")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    import numba
+    import psutil
+
+    from deqntk_dist import DEQSpec, write_dataset_store
+    from deqntk_dist.compute import compute_kernel_store
+    from deqntk_dist.plan import choose_tile
+    from deqntk_dist.runtime import RuntimeConfig, _default_workers
+
+    spec = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
+    kernels = tuple(k.strip() for k in args.what.split(","))
+    workers = args.workers or _default_workers()
+    base = Path(args.dir or tempfile.mkdtemp(prefix="deqntk-bench-", dir="/tmp"))
+    base.mkdir(parents=True, exist_ok=True)
+    out: dict = {
+        "n": args.n,
+        "d": args.d,
+        "what": list(kernels),
+        "dtype": args.dtype,
+        "workers": workers,
+        "cpu_count": os.cpu_count(),
+        "load_before": os.getloadavg(),
+    }
+    try:
+        t0 = time.perf_counter()
+        x, y = synthetic_fashion(args.n, args.d, seed=0)
+        ds = write_dataset_store(
+            base / "dataset", x, y, n_train=min(60000, args.n), name="synth", overwrite=True
+        )
+        out["dataset_seconds"] = time.perf_counter() - t0
+
+        mem_limit = psutil.virtual_memory().total // workers
+        tile = args.tile or choose_tile(args.n, min(2 * 2**30, mem_limit // 2))
+        out["tile"] = tile
+        bt = min(tile, args.n)
+        t_full = bare_tile(spec, x, bt, None, args.bare_reps)
+        t_one = bare_tile(spec, x, bt, 1, args.bare_reps)
+        out["bare_tile"] = bt
+        out["bare_threads"] = numba.get_num_threads()
+        out["bare_entries_per_s"] = bt * bt / t_full
+        out["bare_1thread_entries_per_s"] = bt * bt / t_one
+        print(
+            f"bare kernel, {bt} x {bt} tile: {out['bare_entries_per_s']:.4g} entries/s with "
+            f"{out['bare_threads']} threads, {out['bare_1thread_entries_per_s']:.4g} with 1",
+            file=sys.stderr,
+        )
+
+        t0 = time.perf_counter()
+        rep = compute_kernel_store(
+            ds,
+            base / "kernel",
+            spec,
+            kernels=kernels,
+            tile=tile,
+            dtype=args.dtype,
+            runtime=RuntimeConfig(workers=workers),
+        )
+        wall = time.perf_counter() - t0
+        distinct = args.n * (args.n + 1) / 2
+        out.update(
+            wall_seconds=wall,
+            tile_phase_seconds=rep.seconds,
+            tiles=rep.tiles_total,
+            store_entries_per_s=args.n * args.n / wall,
+            distinct_entries_per_s=distinct / wall,
+            distinct_entries_per_s_tile_phase=distinct / rep.seconds,
+            bytes_written=rep.bytes_written,
+            bytes_on_disk=du(base / "kernel"),
+            peak_rss_per_worker=sorted(rep.peak_rss.values()),
+            worker_compute_seconds=rep.compute_seconds,
+            worker_write_seconds=rep.write_seconds,
+            max_residual=rep.max_residual,
+        )
+        out["ratio_vs_bare"] = out["distinct_entries_per_s"] / out["bare_entries_per_s"]
+        out["ratio_vs_bare_tile_phase"] = (
+            out["distinct_entries_per_s_tile_phase"] / out["bare_entries_per_s"]
+        )
+        out["ratio_vs_bare_1thread_x_workers"] = out["distinct_entries_per_s"] / (
+            workers * out["bare_1thread_entries_per_s"]
+        )
+        out["load_after"] = os.getloadavg()
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+    print(
+        f"\nN={args.n} {'+'.join(kernels)} {args.dtype} tile={out['tile']} "
+        f"({out['tiles']} tiles, {workers} workers): wall {out['wall_seconds']:.1f} s "
+        f"(tile phase {out['tile_phase_seconds']:.1f} s), "
+        f"{out['distinct_entries_per_s']:.4g} distinct entries/s, "
+        f"{out['store_entries_per_s']:.4g} store entries/s, "
+        f"{out['bytes_written'] / 1e9:.3g} GB written, peak RSS per worker "
+        f"{max(out['peak_rss_per_worker']) / 2**30:.2f} GiB\n"
+        f"ratio to bare kernel ({out['bare_threads']} threads): {out['ratio_vs_bare']:.3f} "
+        f"end to end, {out['ratio_vs_bare_tile_phase']:.3f} tile phase; ratio to "
+        f"{workers} x single-thread bare kernel: {out['ratio_vs_bare_1thread_x_workers']:.3f}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
