@@ -1,0 +1,700 @@
+"""Regression stage: kernel ridge regression on a kernel store, in core and out of core.
+
+``(K_tt + lam * tr(K_tt) / n I) alpha = Y`` with one-hot centred targets (0.9 / -0.1),
+predictions ``K_st alpha`` and accuracy by argmax; ``lam`` is chosen on a validation split
+of the training rows, then the system is refitted on all training rows.
+
+Methods (all read the store in row bands, lower triangle only, see :mod:`.linalg`):
+
+``cholesky``  float64 blocked Cholesky when the dense float64 train block fits the memory
+              limit (``cholesky-float64``); otherwise a float32 factor used as the
+              preconditioner of float64 conjugate gradients (``cholesky-mixed``: the float64
+              residual of the stored matrix, at half the memory of the float32 matrix).
+``cg``        conjugate gradients preconditioned by a randomised Nyström approximation
+              (``cg-nystrom``), memory ``O(n * rank)`` besides one row band.
+``auto``      the first of ``cholesky-float64``, ``cholesky-mixed``, ``cg-nystrom`` that
+              fits the memory limit.
+
+Results are written back into the kernel store as ``results/<kernel>`` (``alpha``,
+``predictions``, ``train_rows``, ``test_rows``, the report in its attrs) by building the group
+aside and renaming it into place, so a crash (e.g. a BLAS segfault, DESIGN §5) leaves either
+the previous results or the new ones, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import IncompleteStoreError, InputError, SolveError
+from .linalg import (
+    IndexedBlocks,
+    as_block_source,
+    block_cholesky,
+    diagonal,
+    nystrom_preconditioner,
+    pcg,
+    sym_matmul,
+)
+
+__all__ = [
+    "DEFAULT_RIDGES",
+    "METHODS",
+    "SolveReport",
+    "complete_rows",
+    "kernel_ridge",
+    "one_hot_targets",
+    "parse_memory",
+    "plan_method",
+    "solve_store",
+]
+
+#: relative ridges lam (the shift is lam * tr(K) / n)
+DEFAULT_RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+METHODS = ("auto", "cholesky", "cg")
+_MAX_FACTOR_TRIES = 6  # float32 preconditioner shift escalations (x10 each)
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_memory(value) -> int:
+    """Bytes from an int or a string such as ``"16GB"``, ``"500 MiB"``, ``"2e9"``.
+
+    Raises
+    ------
+    InputError
+        Not a positive size.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(value))
+        if not m:
+            raise InputError(f"memory_limit must be a size like 16GB or 500MiB, got {value!r}")
+        try:
+            n = float(m.group(1))
+        except ValueError:
+            raise InputError(f"memory_limit must be a size like 16GB, got {value!r}") from None
+        power = " kmgt".index(m.group(2).lower() or " ")
+        n *= (1024 if m.group(3) else 1000) ** power
+    if not math.isfinite(n) or n <= 0:
+        raise InputError(f"memory_limit must be a positive size, got {value!r}")
+    return int(n)
+
+
+def _default_memory_limit() -> int:
+    import psutil
+
+    return int(0.75 * psutil.virtual_memory().total)
+
+
+def _peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def one_hot_targets(
+    labels, n_classes: int | None = None, *, on: float = 0.9, off: float = -0.1
+) -> np.ndarray:
+    """One-hot centred targets, float64 shape (n, n_classes): ``on`` at the label, else ``off``.
+
+    Raises
+    ------
+    InputError
+        Labels not 1-D non-negative integers (or >= ``n_classes``).
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1 or (y.size and y.dtype.kind not in "iu"):
+        raise InputError(f"labels must be a 1-D integer array, got shape {y.shape} {y.dtype}")
+    if y.size and y.min() < 0:
+        raise InputError(f"labels must be non-negative class indices, got {y.min()}")
+    k = int(y.max()) + 1 if n_classes is None else int(n_classes)
+    if y.size and y.max() >= k:
+        raise InputError(f"labels must be < n_classes = {k}, got {y.max()}")
+    Y = np.full((y.size, k), off, dtype=np.float64)
+    Y[np.arange(y.size), y] = on
+    return Y
+
+
+def plan_method(n: int, method: str, memory_limit: int, *, block: int = 2048) -> tuple[str, str]:
+    """Pick the solver route for ``n`` training rows.
+
+    Returns
+    -------
+    route : {"cholesky-float64", "cholesky-mixed", "cg-nystrom"}
+    why : str
+        The reason, for the report.
+
+    Raises
+    ------
+    InputError
+        Unknown method, or ``cholesky`` asked for but even the float32 factor does not fit.
+    """
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    dense64 = 8 * n * n
+    packed32 = 4 * n * (n + block) // 2 + 4 * 8 * n * block  # factor + band workspace
+    gb = 1e9
+    if method == "cg":
+        return "cg-nystrom", "requested"
+    if dense64 <= memory_limit:
+        return "cholesky-float64", (
+            f"dense float64 train block {dense64 / gb:.2f} GB fits memory_limit "
+            f"{memory_limit / gb:.2f} GB"
+        )
+    if packed32 <= memory_limit:
+        return "cholesky-mixed", (
+            f"dense float64 train block {dense64 / gb:.2f} GB exceeds memory_limit "
+            f"{memory_limit / gb:.2f} GB; packed float32 factor {packed32 / gb:.2f} GB fits"
+        )
+    if method == "cholesky":
+        raise InputError(
+            f"memory_limit {memory_limit / gb:.2f} GB is too small for method 'cholesky' with "
+            f"n = {n} (the float32 factor needs {packed32 / gb:.2f} GB); raise it or use "
+            "method 'cg'"
+        )
+    return "cg-nystrom", (
+        f"packed float32 factor {packed32 / gb:.2f} GB exceeds memory_limit "
+        f"{memory_limit / gb:.2f} GB"
+    )
+
+
+# ----------------------------------------------------------------------------- one solve
+@dataclass
+class _Solved:
+    alpha: np.ndarray
+    residual: float
+    iterations: int
+    converged: bool
+    detail: dict = field(default_factory=dict)
+
+
+class _Solver:
+    """Solves ``(K + shift I) X = B`` on one matrix by one route, reusing what it can."""
+
+    def __init__(
+        self,
+        K,
+        route: str,
+        *,
+        tol: float,
+        max_iter: int,
+        rank: int,
+        seed: int,
+        block: int | None,
+        what: str,
+    ):
+        self.K, self.route, self.tol, self.max_iter = K, route, tol, max_iter
+        self.rank, self.seed, self.block, self.what = rank, seed, block, what
+        self._nystrom = None
+        self.trace = float(diagonal(K, block=block).sum())
+        if not self.trace > 0:
+            raise SolveError(f"{what} has a non-positive trace {self.trace:.6g}; not a kernel")
+
+    def shift(self, ridge: float) -> float:
+        return ridge * self.trace / self.K.shape[0]
+
+    def solve(self, ridge: float, B: np.ndarray) -> _Solved:
+        s = self.shift(ridge)
+        if self.route == "cg-nystrom":
+            if self._nystrom is None:
+                self._nystrom = nystrom_preconditioner(
+                    self.K, self.rank, seed=self.seed, block=self.block
+                )
+            nys = self._nystrom
+            x, info = pcg(
+                self.K,
+                B,
+                s,
+                precondition=lambda R: nys.apply(R, s),
+                tol=self.tol,
+                max_iter=self.max_iter,
+                block=self.block,
+                what=self.what,
+            )
+            detail = {"nystrom_rank": nys.rank, "nystrom_seconds": nys.seconds}
+        else:
+            dtype = np.float64 if self.route == "cholesky-float64" else np.float32
+            pshift, tries = s, 0
+            while True:
+                try:
+                    F = block_cholesky(
+                        self.K, pshift, dtype=dtype, block=self.block, what=self.what
+                    )
+                    break
+                except SolveError:
+                    tries += 1
+                    if dtype == np.float64 or tries >= _MAX_FACTOR_TRIES:
+                        raise
+                    # a float32 factor may fail where float64 would not: factor a shifted
+                    # matrix and let float64 CG correct the difference
+                    pshift = max(pshift, 1e-7 * self.trace / self.K.shape[0]) * 10
+            x, info = pcg(
+                self.K,
+                B,
+                s,
+                precondition=F.solve,
+                x0=F.solve(B),
+                tol=self.tol,
+                max_iter=self.max_iter,
+                block=self.block,
+                what=self.what,
+            )
+            detail = {
+                "factor_dtype": np.dtype(dtype).name,
+                "factor_seconds": F.seconds,
+                "factor_bytes": F.nbytes,
+                "preconditioner_shift": pshift,
+            }
+            del F
+        if not info.converged and info.residual > max(self.tol, 1e-8):
+            raise SolveError(
+                f"{self.route} did not reach the relative residual {self.tol:g} for ridge "
+                f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
+                "raise max_iter or the ridge, or use method 'cholesky'"
+            )
+        detail["cg_seconds"] = info.seconds
+        return _Solved(x, info.residual, info.iterations, info.converged, detail)
+
+
+# ------------------------------------------------------------------------------ report
+@dataclass
+class SolveReport:
+    """Outcome of :func:`kernel_ridge` / :func:`solve_store` (``to_dict`` is the JSON report).
+
+    ``alpha`` (n_train, n_classes) and ``predictions`` (n_test, n_classes) are float64.
+    """
+
+    kernel: str | None
+    method: str
+    method_requested: str
+    method_reason: str
+    ridge: float
+    shift: float
+    ridges: list
+    val_accuracy: list | None
+    val_mse: list | None
+    accuracy: float | None
+    train_accuracy: float
+    n_train: int
+    n_fit: int
+    n_val: int
+    n_test: int
+    n_classes: int
+    residual: float
+    iterations: int
+    converged: bool
+    tol: float
+    memory_limit: int
+    peak_rss: int
+    seconds: float
+    stages: dict
+    detail: dict
+    store: str | None = None
+    incomplete: bool = False
+    alpha: np.ndarray | None = field(default=None, repr=False)
+    predictions: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("alpha")
+        d.pop("predictions")
+        return json.loads(json.dumps(d, default=_jsonable))
+
+    def write_json(self, path) -> None:
+        """Write :meth:`to_dict` to ``path`` atomically (temporary file + rename)."""
+        p = Path(path)
+        tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, p)
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(pred, axis=1) == labels)) if labels.size else math.nan
+
+
+def _rows_matmul(S, X: np.ndarray, block: int) -> np.ndarray:
+    """``S @ X`` for a (m, n) block source in row bands, float64."""
+    m = S.shape[0]
+    out = np.empty((m, X.shape[1]))
+    for s in range(0, m, block):
+        e = min(m, s + block)
+        band = np.asarray(S[s:e, 0 : S.shape[1]])
+        if not np.isfinite(band).all():
+            raise SolveError(f"test x train block has non-finite values in rows {s}:{e}")
+        out[s:e] = band.astype(np.float64, copy=False) @ X
+    return out
+
+
+# ---------------------------------------------------------------------------- kernel_ridge
+def _validate_ridges(ridges) -> list[float]:
+    try:
+        out = [float(r) for r in (DEFAULT_RIDGES if ridges is None else ridges)]
+    except (TypeError, ValueError):
+        raise InputError(
+            f"ridges must be a sequence of positive numbers, got {ridges!r}"
+        ) from None
+    if not out or any(not (math.isfinite(r) and r > 0) for r in out):
+        raise InputError(
+            f"ridges must be a non-empty sequence of positive numbers, got {ridges!r}"
+        )
+    return sorted(set(out))
+
+
+def kernel_ridge(
+    K_train,
+    y_train,
+    K_test=None,
+    y_test=None,
+    *,
+    ridges=None,
+    method: str = "auto",
+    memory_limit=None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    tol: float = 1e-10,
+    max_iter: int = 500,
+    rank: int = 512,
+    block: int | None = None,
+    n_classes: int | None = None,
+    kernel: str | None = None,
+) -> SolveReport:
+    """Kernel ridge regression with the ridge chosen on a validation split.
+
+    Parameters
+    ----------
+    K_train : block source, shape (n, n)
+        Symmetric train x train kernel (numpy array, zarr array, ...); only its lower
+        triangle is read, in row bands.
+    y_train : int array, shape (n,)
+    K_test : block source, shape (m, n), optional
+        Test x train kernel.
+    y_test : int array, shape (m,), optional
+    ridges : sequence of float, optional
+        Relative ridges ``lam`` (shift ``lam * tr(K) / n``); default :data:`DEFAULT_RIDGES`.
+        One value skips the validation.
+    method : {"auto", "cholesky", "cg"}
+    memory_limit : int or str, optional
+        Bytes available to the solver (default 75% of the machine's memory).
+    val_fraction : float in (0, 0.5]
+        Share of the training rows held out to choose the ridge.
+    seed : int
+        Validation split and Nyström sketch.
+    tol : float
+        Relative float64 residual ``||Y - (K + shift I) alpha|| / ||Y||`` per column.
+    max_iter : int
+        CG iterations per solve.
+    rank : int
+        Nyström rank of the ``cg`` preconditioner.
+
+    Returns
+    -------
+    SolveReport
+
+    Raises
+    ------
+    InputError
+        Bad parameters.
+    SolveError
+        Size mismatch, non-finite kernel values, indefinite matrix, no convergence.
+    """
+    t_start = time.perf_counter()
+    K_train = as_block_source(K_train, name="K_train")
+    n = K_train.shape[0]
+    y_train = np.asarray(y_train)
+    if y_train.shape != (n,):
+        raise SolveError(
+            f"label/kernel size mismatch: y_train has shape {y_train.shape} but "
+            f"the train x train kernel has {n} rows"
+        )
+    m = 0
+    if K_test is not None:
+        if len(K_test.shape) != 2 or K_test.shape[1] != n:
+            raise SolveError(
+                f"label/kernel size mismatch: K_test must have shape (m, {n}), "
+                f"got {tuple(K_test.shape)}"
+            )
+        m = K_test.shape[0]
+        y_test = None if y_test is None else np.asarray(y_test)
+        if y_test is not None and y_test.shape != (m,):
+            raise SolveError(
+                f"label/kernel size mismatch: y_test has shape {y_test.shape} but "
+                f"the test x train kernel has {m} rows"
+            )
+    ridges = _validate_ridges(ridges)
+    if not (isinstance(val_fraction, int | float) and 0 < val_fraction <= 0.5):
+        raise InputError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    if not (tol > 0 and max_iter >= 1 and rank >= 0):
+        raise InputError(
+            f"tol must be > 0, max_iter >= 1 and rank >= 0, got {tol}, {max_iter}, {rank}"
+        )
+    limit = _default_memory_limit() if memory_limit is None else parse_memory(memory_limit)
+    all_labels = y_train if y_test is None else np.concatenate([y_train, y_test])
+    if n_classes is None:
+        n_classes = int(all_labels.max()) + 1 if all_labels.size else 1
+    Y = one_hot_targets(y_train, n_classes)
+    route, why = plan_method(n, method, limit, block=block or 2048)
+    opts = dict(tol=tol, max_iter=max_iter, rank=rank, seed=seed, block=block)
+    stages: dict[str, float] = {}
+    detail: dict[str, Any] = {}
+
+    val_acc = val_mse = None
+    n_val = 0
+    if len(ridges) > 1:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        n_val = max(1, int(round(val_fraction * n)))
+        if n - n_val < 1:
+            raise InputError(f"too few training rows ({n}) for a validation split")
+        val = np.sort(rng.choice(n, size=n_val, replace=False))
+        fit = np.setdiff1d(np.arange(n), val)
+        Kf = IndexedBlocks(K_train, fit, fit)
+        solver = _Solver(Kf, route, what="K_fit", **opts)
+        val_acc, val_mse = [], []
+        for lam in ridges:
+            sol = solver.solve(lam, Y[fit])
+            ext = np.zeros((n, n_classes))
+            ext[fit] = sol.alpha
+            pred = sym_matmul(K_train, ext, block=block)[val]
+            val_acc.append(_accuracy(pred, y_train[val]))
+            val_mse.append(float(np.mean((pred - Y[val]) ** 2)))
+        # best accuracy; ties broken by the smaller validation mean squared error
+        best = max(range(len(ridges)), key=lambda i: (val_acc[i], -val_mse[i]))
+        ridge = ridges[best]
+        stages["validation"] = time.perf_counter() - t0
+    else:
+        ridge = ridges[0]
+
+    t0 = time.perf_counter()
+    solver = _Solver(K_train, route, what="K_train", **opts)
+    sol = solver.solve(ridge, Y)
+    stages["fit"] = time.perf_counter() - t0
+    detail.update(sol.detail)
+    train_pred = sym_matmul(K_train, sol.alpha, block=block)
+    predictions, accuracy = None, None
+    if K_test is not None:
+        t0 = time.perf_counter()
+        predictions = _rows_matmul(K_test, sol.alpha, block or 2048)
+        stages["predict"] = time.perf_counter() - t0
+        if y_test is not None:
+            accuracy = _accuracy(predictions, y_test)
+    return SolveReport(
+        kernel=kernel,
+        method=route,
+        method_requested=method,
+        method_reason=why,
+        ridge=ridge,
+        shift=solver.shift(ridge),
+        ridges=ridges,
+        val_accuracy=val_acc,
+        val_mse=val_mse,
+        accuracy=accuracy,
+        train_accuracy=_accuracy(train_pred, y_train),
+        n_train=n,
+        n_fit=n - n_val,
+        n_val=n_val,
+        n_test=m,
+        n_classes=n_classes,
+        residual=sol.residual,
+        iterations=sol.iterations,
+        converged=sol.converged,
+        tol=tol,
+        memory_limit=limit,
+        peak_rss=_peak_rss(),
+        seconds=time.perf_counter() - t_start,
+        stages=stages,
+        detail=detail,
+        alpha=sol.alpha,
+        predictions=predictions,
+    )
+
+
+# ------------------------------------------------------------------------------ the store
+def complete_rows(store) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test rows of a partial store whose needed tiles are all done.
+
+    Greedy over the tile rows in order: a tile row joins the training set when its
+    diagonal tile and its tiles against every tile row already chosen are done; test rows
+    are kept from tile rows whose tiles against all chosen training tile rows are done.
+
+    Returns
+    -------
+    train_rows, test_rows : int64 arrays (sorted, global row indices)
+    """
+    done = np.asarray(store.ledger()["done"], dtype=bool)
+    done = done & done.T
+    plan, nt = store.plan, store.n_train
+    chosen: list[int] = []
+    for b in range(plan.n_blocks):
+        r0, _ = plan.bounds(b)
+        if r0 >= nt:
+            break
+        if done[b, b] and all(done[b, c] for c in chosen):
+            chosen.append(b)
+    train = [np.arange(*plan.bounds(b)) for b in chosen]
+    train = np.concatenate(train) if train else np.zeros(0, np.int64)
+    train = train[train < nt]
+    test = []
+    for b in range(plan.n_blocks):
+        r0, r1 = plan.bounds(b)
+        if r1 > nt and chosen and done[b, b] and all(done[b, c] for c in chosen):
+            test.append(np.arange(max(r0, nt), r1))
+    test = np.concatenate(test) if test else np.zeros(0, np.int64)
+    return train.astype(np.int64), test.astype(np.int64)
+
+
+def solve_store(
+    kernel_store_path,
+    *,
+    kernel: str = "ntk",
+    ridges=None,
+    method: str = "auto",
+    memory_limit=None,
+    allow_incomplete: bool = False,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    tol: float = 1e-10,
+    max_iter: int = 500,
+    rank: int = 512,
+    write_results: bool = True,
+    report_path=None,
+) -> SolveReport:
+    """Kernel ridge regression on a kernel store; results written back into it.
+
+    Parameters
+    ----------
+    kernel_store_path : str or Path
+    kernel : {"ntk", "nngp"}
+    allow_incomplete : bool
+        Solve a partial store on the training / test rows whose tiles are all done
+        (:func:`complete_rows`); otherwise a store with missing tiles is refused.
+    write_results : bool
+        Write ``results/<kernel>`` into the store (atomically).
+    report_path : str or Path, optional
+        Also write the JSON report there.
+    ridges, method, memory_limit, val_fraction, seed, tol, max_iter, rank
+        As in :func:`kernel_ridge`.
+
+    Returns
+    -------
+    SolveReport
+
+    Raises
+    ------
+    IncompleteStoreError
+        Missing tiles and ``allow_incomplete`` is False, or nothing complete to solve on.
+    StoreError, InputError, SolveError
+    """
+    from .store import open_kernel_store
+
+    store = open_kernel_store(kernel_store_path)
+    if kernel not in store.kernels:
+        raise InputError(
+            f"kernel must be one of {store.kernels} (in {store.path}), got {kernel!r}"
+        )
+    labels = store.labels()
+    if labels.shape != (store.n,):
+        raise SolveError(
+            f"label/kernel size mismatch: {store.path} has {store.n} kernel rows "
+            f"but {labels.shape[0]} labels"
+        )
+    missing = store.missing_tiles()
+    nt = store.n_train
+    if missing and not allow_incomplete:
+        shown = ", ".join(map(str, missing[:5]))
+        raise IncompleteStoreError(
+            f"{store.path}: {len(missing)} of {store.plan.n_tiles} tiles are not done "
+            f"(e.g. {shown}); finish it with `deqntk compute` or pass allow_incomplete "
+            "(--allow-incomplete) to solve on the complete blocks only"
+        )
+    if missing:
+        train_rows, test_rows = complete_rows(store)
+        if train_rows.size < 2:
+            raise IncompleteStoreError(
+                f"{store.path}: no complete train x train blocks to solve on "
+                f"({len(missing)} tiles missing)"
+            )
+    else:
+        train_rows, test_rows = np.arange(nt), np.arange(nt, store.n)
+    arr = store.array(kernel)
+    K_train = IndexedBlocks(arr, train_rows, train_rows)
+    K_test = IndexedBlocks(arr, test_rows, train_rows) if test_rows.size else None
+    n_classes = int(labels.max()) + 1 if labels.size else 1
+    report = kernel_ridge(
+        K_train,
+        labels[train_rows],
+        K_test,
+        labels[test_rows] if test_rows.size else None,
+        ridges=ridges,
+        method=method,
+        memory_limit=memory_limit,
+        val_fraction=val_fraction,
+        seed=seed,
+        tol=tol,
+        max_iter=max_iter,
+        rank=rank,
+        block=store.tile * max(1, 1024 // store.tile),
+        n_classes=n_classes,
+        kernel=kernel,
+    )
+    report.store = store.path
+    report.incomplete = bool(missing)
+    if write_results:
+        _write_results(Path(store.path), kernel, report, train_rows, test_rows)
+    if report_path is not None:
+        report.write_json(report_path)
+    return report
+
+
+def _write_results(path: Path, kernel: str, report: SolveReport, train_rows, test_rows) -> None:
+    """``results/<kernel>`` built aside, then renamed into place (old results replaced)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    if "results" not in root:
+        root.create_group("results")
+    parent = path / "results"
+    tmp = parent / f".{kernel}.tmp-{uuid.uuid4().hex[:12]}"
+    final = parent / kernel
+    old = parent / f".{kernel}.old-{uuid.uuid4().hex[:12]}"
+    try:
+        g = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        for name, value in (
+            ("alpha", report.alpha),
+            ("train_rows", train_rows),
+            ("test_rows", test_rows),
+            ("predictions", report.predictions),
+        ):
+            if value is None:
+                value = np.zeros((0, report.n_classes))
+            a = g.create_array(
+                name,
+                shape=value.shape,
+                dtype=value.dtype,
+                chunks=tuple(max(1, d) for d in value.shape),
+            )
+            a[...] = value
+        g.attrs.update({"report": report.to_dict(), "complete": True})
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
