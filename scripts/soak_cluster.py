@@ -157,9 +157,9 @@ def _tiles_done(store: Path) -> int:
     return ks.plan.n_tiles - len(ks.missing_tiles())
 
 
-def _run_job(args, cluster: Cluster, dataset: str, store: Path, log: Path, *, faults: bool):
+def _run_job(args, cluster, dataset: str, store: Path, log: Path, *, faults: bool, seed: int):
     """One ``deqntk compute`` run; with ``faults`` kill random workers while it runs."""
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     cmd = [str(BIN / "deqntk"), "compute", dataset, str(store), "--scheduler"]
     cmd += [str(cluster.scheduler_file), "--tile", str(args.tile), "--no-progress", *SPEC_ARGS]
     kills: list[dict] = []
@@ -239,16 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=6000, help="examples (default 6000)")
     p.add_argument("--dim", type=int, default=64, help="features (default 64)")
     p.add_argument("--tile", type=int, default=150, help="tile side (default 150)")
-    p.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--kills", type=int, default=6, help="most worker kills (default 6)")
     p.add_argument("--min-gap", type=float, default=1.5, help="seconds between kills, low")
     p.add_argument("--max-gap", type=float, default=4.0, help="seconds between kills, high")
     p.add_argument("--max-seconds", type=float, default=600, help="per-run time limit")
     p.add_argument("--sample", type=int, default=300, help="rows of the reference check")
+    p.add_argument("--repeats", type=int, default=1, help="clean + faulty pairs (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep everything here (default: temp)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if not 0 < args.min_gap <= args.max_gap:
         p.error(f"need 0 < --min-gap <= --max-gap, got {args.min_gap}, {args.max_gap}")
 
@@ -268,72 +271,97 @@ def main(argv: list[str] | None = None) -> int:
     task_log = work / "tile-tasks.log"
     task_log.unlink(missing_ok=True)
     cluster = Cluster(work)
+    runs = []
     try:
         cluster.start(args.workers)
         cluster.client().register_plugin(_task_log_plugin(str(task_log)))
-        clean = _run_job(
-            args, cluster, ds.path, work / "clean.zarr", work / "clean.log", faults=False
-        )
-        skip = len(task_log.read_text().splitlines())
-        clean_exec = _executions(task_log, 0)
-        faulty = _run_job(
-            args, cluster, ds.path, work / "faulty.zarr", work / "faulty.log", faults=True
-        )
-        faulty_exec = _executions(task_log, skip)
+        for r in range(args.repeats):
+            out = {}
+            for kind in ("clean", "faulty"):
+                skip = len(task_log.read_text().splitlines()) if task_log.exists() else 0
+                name = f"{kind}-{r}"
+                job = _run_job(
+                    args,
+                    cluster,
+                    ds.path,
+                    work / f"{name}.zarr",
+                    work / f"{name}.log",
+                    faults=kind == "faulty",
+                    seed=args.seed + r,
+                )
+                job["executions"] = _executions(task_log, skip)
+                job["store"] = work / f"{name}.zarr"
+                out[kind] = job
+            runs.append(out)
     finally:
         cluster.close()
 
-    clean_ks, faulty_ks = (
-        open_kernel_store(work / "clean.zarr"),
-        open_kernel_store(work / "faulty.zarr"),
-    )
-    problems = verify_kernel_store(faulty_ks.path) + verify_kernel_store(clean_ks.path)
-    same = all(
-        np.array_equal(clean_ks.array(k)[...], faulty_ks.array(k)[...]) for k in clean_ks.kernels
-    )
-    ref_ok = _reference_check(x.astype(np.float32), work / "faulty.zarr", args.sample, args.seed)
-    n_tiles = faulty_ks.plan.n_tiles
+    x32 = x.astype(np.float32)
+    n_tiles = open_kernel_store(runs[0]["clean"]["store"]).plan.n_tiles
+    problems, lost, same, ref_ok, ok = [], 0, True, True, True
+    for k, run in enumerate(runs):
+        clean_ks = open_kernel_store(run["clean"]["store"])
+        faulty_ks = open_kernel_store(run["faulty"]["store"])
+        problems += verify_kernel_store(faulty_ks.path) + verify_kernel_store(clean_ks.path)
+        lost += len(faulty_ks.missing_tiles())
+        same &= all(
+            np.array_equal(clean_ks.array(name)[...], faulty_ks.array(name)[...])
+            for name in clean_ks.kernels
+        )
+        ref_ok &= _reference_check(x32, run["faulty"]["store"], args.sample, args.seed + k)
+        ok &= run["faulty"]["executions"]["tiles"] == n_tiles
+        ok &= run["clean"]["executions"]["recomputed"] == 0
+    clean_walls = [run["clean"]["wall_s"] for run in runs]
+    faulty_walls = [run["faulty"]["wall_s"] for run in runs]
+    fx = [run["faulty"]["executions"] for run in runs]
     report = {
         "n": args.n,
         "tile": args.tile,
         "tiles": n_tiles,
         "workers": args.workers,
-        "clean_wall_s": round(clean["wall_s"], 2),
-        "faulty_wall_s": round(faulty["wall_s"], 2),
-        "overhead": round(faulty["wall_s"] / clean["wall_s"] - 1, 4),
-        "kills": len(faulty["kills"]),
-        "kill_log": faulty["kills"],
-        "clean_executions": clean_exec,
-        "faulty_executions": faulty_exec,
-        "tiles_recomputed": faulty_exec["recomputed"],
-        "tiles_lost": len(faulty_ks.missing_tiles()),
+        "repeats": args.repeats,
+        "clean_wall_s": [round(w, 2) for w in clean_walls],
+        "faulty_wall_s": [round(w, 2) for w in faulty_walls],
+        "overhead_per_repeat": [round(f / c - 1, 4) for c, f in zip(clean_walls, faulty_walls)],
+        "overhead_of_medians": round(
+            float(np.median(faulty_walls) / np.median(clean_walls) - 1), 4
+        ),
+        "kills": [len(run["faulty"]["kills"]) for run in runs],
+        "kill_log": [run["faulty"]["kills"] for run in runs],
+        "clean_executions": [run["clean"]["executions"] for run in runs],
+        "faulty_executions": fx,
+        "tiles_recomputed": [e["recomputed"] for e in fx],
+        "tiles_lost": lost,
         "verify_problems": problems,
         "bitwise_equal_to_clean_run": same,
         "reference_sample_equal": ref_ok,
-        "clean_report": clean["report"],
-        "faulty_report": faulty["report"],
+        "faulty_report": [run["faulty"]["report"] for run in runs],
         "workdir": str(work) if args.workdir else None,
     }
-    ok = not problems and same and ref_ok and report["tiles_lost"] == 0
-    ok &= faulty_exec["tiles"] == n_tiles and clean_exec["recomputed"] == 0
+    ok &= not problems and same and ref_ok and lost == 0
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(
-            f"soak: n={args.n} tile={args.tile} -> {n_tiles} tiles, {args.workers} workers\n"
-            f"clean run   {report['clean_wall_s']:.1f} s  ({clean_exec['started']} tile "
-            f"executions)\n"
-            f"faulty run  {report['faulty_wall_s']:.1f} s  with {report['kills']} worker kills "
-            f"-> overhead {100 * report['overhead']:+.1f} %\n"
-            f"tile executions {faulty_exec['started']} for {n_tiles} tiles: "
-            f"{faulty_exec['recomputed']} recomputed ({faulty_exec['interrupted']} interrupted "
-            f"mid-tile, {faulty_exec['completed_twice']} finished twice)\n"
-            f"lost tiles {report['tiles_lost']}, verify problems {len(problems)}, bitwise equal "
-            f"to the clean run: {same}, in-process reference sample equal: {ref_ok}\n"
-            f"kills: "
-            + ", ".join(
-                f"{k['killed']}@{k['at_s']}s({k['tiles_done']} done)" for k in faulty["kills"]
+            f"soak: n={args.n} tile={args.tile} -> {n_tiles} tiles, {args.workers} workers, "
+            f"{args.repeats} repeat(s) of clean + faulty run"
+        )
+        for k, run in enumerate(runs):
+            e, c, f = fx[k], clean_walls[k], faulty_walls[k]
+            kills = run["faulty"]["kills"]
+            print(
+                f"[{k}] clean {c:.1f} s, faulty {f:.1f} s with {len(kills)} worker kills "
+                f"-> overhead {100 * (f / c - 1):+.1f} %; {e['started']} tile executions: "
+                f"{e['recomputed']} recomputed ({e['interrupted']} interrupted mid-tile, "
+                f"{e['completed_twice']} finished twice); kills at "
+                + ", ".join(f"{q['at_s']}s ({q['tiles_done']} done)" for q in kills)
             )
+        print(
+            f"median clean {np.median(clean_walls):.1f} s, median faulty "
+            f"{np.median(faulty_walls):.1f} s -> overhead "
+            f"{100 * report['overhead_of_medians']:+.1f} %; lost tiles {lost}, "
+            f"verify problems {len(problems)}, bitwise equal to the "
+            f"clean runs: {same}, in-process reference samples equal: {ref_ok}"
         )
     if tmp is not None:
         tmp.cleanup()
