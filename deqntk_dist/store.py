@@ -77,13 +77,13 @@ def checksum(values: np.ndarray) -> int:
 
 @nb.njit(cache=True, nogil=True)
 def _cast_mirror(src, up, lo):
-    """``up = src`` and ``lo = src.T`` (cast to their dtype), 16-row stripes."""
+    """``up = src`` and ``lo = src.T`` (cast to their dtype), in 32-row stripes."""
     n, m = src.shape
-    B = 16
+    B = 32
     for i0 in range(0, n, B):
         i1 = min(i0 + B, n)
-        for j in range(m):
-            for i in range(i0, i1):
+        for i in range(i0, i1):
+            for j in range(m):
                 up[i, j] = src[i, j]
         for j0 in range(0, m, B):
             j1 = min(j0 + B, m)
@@ -327,11 +327,10 @@ class KernelStore:
                 cast = np.ascontiguousarray(block, dtype=self.dtype)
             else:
                 cast, mirror = cast_and_mirror(block, self.dtype)
-            arr = self._root[name]
-            arr[r0:r1, c0:c1] = cast
+            self._put_chunk(name, i, j, cast)
             crc = zlib.crc32(memoryview(cast).cast("B"), crc)
             if i != j:
-                arr[c0:c1, r0:r1] = mirror
+                self._put_chunk(name, j, i, mirror)
                 crc_m = zlib.crc32(memoryview(mirror).cast("B"), crc_m)
         if i == j:
             crc_m = crc
@@ -350,6 +349,53 @@ class KernelStore:
                 arr[j, i] = lower
             arr[i, j] = upper
         return {"checksum": int(crc), "mirror_checksum": int(crc_m)}
+
+    def _raw_chunks(self, name: str) -> bool:
+        """Whether chunk ``name`` files are the raw little-endian C-order values (local store,
+        bytes codec only, "/" chunk keys), so whole chunks can be written without zarr."""
+        key = ("_raw", name)
+        if key not in self.__dict__:
+            meta = self._root[name].metadata
+            codecs = getattr(meta, "codecs", ())
+            enc = getattr(meta, "chunk_key_encoding", None)
+            self.__dict__[key] = (
+                isinstance(self._root.store, zarr.storage.LocalStore)
+                and len(codecs) == 1
+                and type(codecs[0]).__name__ == "BytesCodec"
+                and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
+                and type(enc).__name__ == "DefaultChunkKeyEncoding"
+                and enc.separator == "/"
+                and np.little_endian
+            )
+        return self.__dict__[key]
+
+    def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray) -> None:
+        """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.
+
+        Uncompressed local chunks are written directly (temp file + atomic rename, exactly
+        the bytes zarr writes: the values, edge chunks padded with the NaN fill value), which
+        is ~2x faster than a zarr write of the same chunk; anything else goes through zarr.
+        """
+        r0, r1 = self.plan.bounds(bi)
+        c0, c1 = self.plan.bounds(bj)
+        if not self._raw_chunks(name):
+            self._root[name][r0:r1, c0:c1] = data
+            return
+        t = self.tile
+        if data.shape != (t, t):
+            full = np.full((t, t), np.nan, dtype=self.dtype)
+            full[: r1 - r0, : c1 - c0] = data
+            data = full
+        path = Path(self.path) / name / "c" / str(bi) / str(bj)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""

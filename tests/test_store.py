@@ -179,3 +179,27 @@ def test_cast_and_mirror_rounds_like_astype(rng, dtype):
     bits = np.uint32 if dtype == np.float32 else np.uint64
     np.testing.assert_array_equal(up.view(bits), ref.view(bits))
     np.testing.assert_array_equal(lo.view(bits), np.ascontiguousarray(ref.T).view(bits))
+
+
+def test_direct_chunk_files_are_the_bytes_zarr_writes(tmp_path, ds, monkeypatch):
+    from deqntk_dist.store import KernelStore
+
+    fast = create_kernel_store(tmp_path / "fast", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
+    assert fast._raw_chunks("ntk")
+    _fill(fast, ds)
+    monkeypatch.setattr(KernelStore, "_raw_chunks", lambda self, name: False)
+    ref = create_kernel_store(tmp_path / "ref", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
+    _fill(ref, ds)  # through zarr's own writer
+    for name in ("ntk", "nngp"):
+        files = sorted(
+            p.relative_to(tmp_path / "ref")
+            for p in (tmp_path / "ref" / name).rglob("*")
+            if p.is_file()
+        )
+        assert len(files) == 1 + 9  # zarr.json + 3 x 3 chunks (edge chunks padded)
+        for rel in files:
+            if rel.name != "zarr.json":
+                assert (tmp_path / "fast" / rel).read_bytes() == (
+                    tmp_path / "ref" / rel
+                ).read_bytes()
+    assert not list((tmp_path / "fast").rglob("*.partial"))
