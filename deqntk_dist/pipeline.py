@@ -294,8 +294,9 @@ def _json_default(obj):
     return str(obj)
 
 
-def _solve_params(kernel: str, lambdas) -> dict[str, Any]:
-    return {"kernel": kernel, "lambdas": None if lambdas is None else [float(v) for v in lambdas]}
+def _solve_params(kernel: str, lambdas, method: str) -> dict[str, Any]:
+    lam = None if lambdas is None else [float(v) for v in lambdas]
+    return {"kernel": kernel, "lambdas": lam, "method": method}
 
 
 def run_pipeline(
@@ -306,6 +307,7 @@ def run_pipeline(
     kernels=None,
     solve_kernel: str = "ntk",
     lambdas=None,
+    solve_method: str = "auto",
     tile: int | None = None,
     dtype: str | None = None,
     runtime=None,
@@ -332,7 +334,10 @@ def run_pipeline(
     solve_kernel : {"ntk", "nngp"}
         Kernel the regression stage uses.
     lambdas : sequence of float, optional
-        Ridge grid of the regression stage (default: the solver's).
+        Relative ridge grid of the regression stage (default: the solver's); the ridge is
+        chosen on a validation split of the training rows (one value: used as given).
+    solve_method : {"auto", "cholesky", "cg"}
+        Route of :func:`deqntk_dist.solve.solve_store`.
     tile, dtype, runtime, client, memory_budget
         Passed to :func:`deqntk_dist.compute.compute_kernel_store`.
     overwrite : bool
@@ -442,7 +447,7 @@ def run_pipeline(
     stages["compute"]["tile"] = ks.tile
 
     # 3. solve
-    params = _solve_params(solve_kernel, lambdas)
+    params = _solve_params(solve_kernel, lambdas, solve_method)
     identity = {"spec": spec.to_dict(), "dataset_fingerprint": ds.fingerprint, **params}
     solve = None
     if paths["solve_report"].exists():
@@ -456,7 +461,7 @@ def run_pipeline(
     if solve is None:
         say(f"deqntk run: solve ({solve_kernel}) -> {paths['solve_report']}")
         t0 = time.perf_counter()
-        result = _solve(paths["kernel_store"], solve_kernel, lambdas)
+        result = _solve(paths["kernel_store"], solve_kernel, lambdas, solve_method)
         solve = {"identity": identity, "result": result}
         _write_json(paths["solve_report"], solve)
         stages["solve"] = {"seconds": round(time.perf_counter() - t0, 3), "reused": False}
@@ -471,7 +476,8 @@ def run_pipeline(
         "preprocessing": request.preprocess.to_dict(),
         "solve_kernel": solve_kernel,
         "accuracy": result.get("accuracy"),
-        "lambda": result.get("lambda"),
+        "lambda": result.get("ridge"),
+        "solve_method": result.get("method"),
         "stages": stages,
         "total_seconds": round(time.perf_counter() - t_start, 3),
         "paths": {k: str(v) for k, v in paths.items()},
@@ -514,10 +520,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _solve(kernel_store: Path, kernel: str, lambdas) -> dict[str, Any]:
-    """Run the regression stage on a complete kernel store; a JSON-ready dict."""
+def _solve(kernel_store: Path, kernel: str, lambdas, method: str) -> dict[str, Any]:
+    """Run the regression stage on a complete kernel store; its JSON report as a dict."""
     from .solve import solve_store
 
-    rep = solve_store(kernel_store, kernel=kernel, lambdas=lambdas)
-    out = rep.to_dict() if hasattr(rep, "to_dict") else dict(rep)
-    return json.loads(json.dumps(out, default=_json_default))
+    return solve_store(kernel_store, kernel=kernel, ridges=lambdas, method=method).to_dict()

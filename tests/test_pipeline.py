@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 
 import numpy as np
 import pytest
+import zarr
 
+from deqntk_dist import DEQSpec, kernel_matrix, open_kernel_store
 from deqntk_dist.cli import main
 from deqntk_dist.dataset import open_dataset_store
 from deqntk_dist.errors import InputError, StoreMismatchError
@@ -161,3 +164,82 @@ def test_cli_prepare_idx_images(tmp_path, capsys):
         "dataset must be one of fashion-mnist, mnist, cifar10, npz, got 'svhn'"
         in capsys.readouterr().err
     )
+
+
+# ------------------------------------------------------------------------------- end to end
+def direct_ridge(X, y, n_train, spec, ridge):
+    """In-memory route: untiled kernel (cast like the float32 store), LU solve, predictions."""
+    K = kernel_matrix(spec, X.astype(np.float64)).ntk.astype(np.float32).astype(np.float64)
+    Ktt, Kst = K[:n_train, :n_train], K[n_train:, :n_train]
+    Y = np.full((n_train, int(y.max()) + 1), -0.1)
+    Y[np.arange(n_train), y[:n_train]] = 0.9
+    shift = ridge * np.trace(Ktt) / n_train
+    alpha = np.linalg.solve(Ktt + shift * np.eye(n_train), Y)
+    pred = Kst @ alpha
+    return pred, float(np.mean(pred.argmax(1) == y[n_train:]))
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_run_end_to_end_matches_direct_computation(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    x, y = blobs(rng, 240, d=10, k=4, spread=2.5)
+    src = tmp_path / "hard.npz"
+    np.savez(src, x_train=x[:160], y_train=y[:160], x_test=x[160:], y_test=y[160:])
+    work = tmp_path / "work"
+    argv = [
+        "run",
+        "--dataset",
+        "npz",
+        "--source",
+        str(src),
+        "--n-train",
+        "120",
+        "--n-test",
+        "60",
+        "--workdir",
+        str(work),
+        "--tile",
+        "64",
+        "--workers",
+        "2",
+        "--sigma-w2",
+        "1.2",
+        "--sigma-u2",
+        "1.0",
+        "--sigma-b2",
+        "0.3",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report = json.loads((work / "report.json").read_text())
+    assert report["n_train"] == 120 and report["n_test"] == 60
+    assert report["stages"]["compute"]["tiles_computed"] == 6  # 3 x 3 grid, upper triangle
+    assert f"accuracy:  {report['accuracy']:.4f}" in out and str(work / "kernel.zarr") in out
+
+    ds = open_kernel_store(work / "kernel.zarr").dataset()
+    spec = DEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.3)
+    pred, acc = direct_ridge(ds.rows(0, ds.n), ds.y, ds.n_train, spec, report["lambda"])
+    assert report["accuracy"] == acc
+    assert 0.5 < acc < 1.0  # a task where the ridge matters, not a trivially separable one
+    got = zarr.open_group(str(work / "kernel.zarr"), mode="r")["results/ntk/predictions"][...]
+    np.testing.assert_allclose(got, pred, rtol=1e-6, atol=1e-8)
+
+    # rerun: every stage reused, same answer
+    assert main(argv) == 0
+    again = json.loads((work / "report.json").read_text())
+    assert all(st["reused"] for st in again["stages"].values())
+    assert again["accuracy"] == report["accuracy"]
+    capsys.readouterr()
+
+    # other kernel parameters in the same workdir: refused, then redone with --overwrite
+    other = [a if a != "1.2" else "0.8" for a in argv]
+    assert main(other) == 2
+    assert "belongs to another spec" in capsys.readouterr().err
+    assert main([*other, "--overwrite", "--lambdas", "1e-3"]) == 0
+    third = json.loads((work / "report.json").read_text())
+    assert third["stages"]["prepare"]["reused"] and not third["stages"]["compute"]["reused"]
+    assert third["lambda"] == 1e-3
+    spec = DEQSpec(sigma_w2=0.8, sigma_u2=1.0, sigma_b2=0.3)
+    assert third["accuracy"] == direct_ridge(ds.rows(0, ds.n), ds.y, ds.n_train, spec, 1e-3)[1]
