@@ -92,7 +92,8 @@ def choose_tile(n: int, memory_budget: int, *, align: int = TILE_ALIGN) -> int:
     """Largest tile side whose working set fits ``memory_budget`` bytes of one worker.
 
     The side is a multiple of ``align`` when that is possible (whole Gram GEMM blocks),
-    never more than ``n`` and at least ``min(n, 64)``.
+    never more than ``n`` and at least ``min(n, 64)``; among the sides giving the fewest
+    row blocks it takes the smallest (balanced blocks, no thin last block).
 
     Parameters
     ----------
@@ -112,4 +113,11 @@ def choose_tile(n: int, memory_budget: int, *, align: int = TILE_ALIGN) -> int:
         return n
     if side >= align:
         side -= side % align
-    return max(min(n, 64), side)
+    side = max(min(n, 64), side)
+    # same number of row blocks, but as even as the alignment allows (a thin last block
+    # costs a whole round of tiles for few entries)
+    blocks = -(-n // side)
+    even = -(-n // blocks)
+    if side >= align:
+        even = -(-even // align) * align
+    return min(side, even)

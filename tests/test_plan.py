@@ -51,14 +51,18 @@ def test_bounds_out_of_range():
         TilePlan(n=10, tile=4).bounds(3)
 
 
+@pytest.mark.parametrize("n", [20000, 70000, 12345])
 @pytest.mark.parametrize("budget", [2**20, 2**28, 2**30, 3 * 2**30])
-def test_choose_tile_fits_the_budget(budget):
-    tile = choose_tile(70000, budget)
+def test_choose_tile_fits_the_budget_with_fewest_balanced_blocks(n, budget):
+    tile = choose_tile(n, budget)
     assert tile * tile * BYTES_PER_TILE_ENTRY <= budget or tile == 64
-    if tile >= 512:
+    # brute force: the largest aligned side that fits gives the fewest row blocks
+    fits = [s for s in range(512, n + 512, 512) if s * s * BYTES_PER_TILE_ENTRY <= budget]
+    if fits and tile >= 512:
         assert tile % 512 == 0
-        # the next aligned size would not fit
-        assert (tile + 512) ** 2 * BYTES_PER_TILE_ENTRY > budget
+        blocks = -(-n // min(max(fits), n))
+        assert -(-n // tile) == blocks
+        assert -(-n // (tile - 512)) > blocks  # the smallest aligned side with that count
 
 
 def test_choose_tile_small_problems():
