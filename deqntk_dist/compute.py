@@ -552,7 +552,9 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         )
         for i, j in missing
     ]
-    bar = Progress(plan.n_tiles, done_before, entries_total, entries_before, enabled=progress)
+    bar = Progress(
+        plan.n_tiles, done_before, entries_total, entries_before, enabled=progress and bool(jobs)
+    )
     acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}, "compute": 0.0, "write": 0.0}
 
     def on_result(r: dict) -> None:
