@@ -142,7 +142,7 @@ def plan_method(n: int, method: str, memory_limit: int, *, block: int = 2048) ->
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     dense64 = 8 * n * n
-    packed32 = 4 * n * (n + block) // 2 + 4 * 8 * n * block  # factor + band workspace
+    packed32 = 2 * n * (n + block) + 22 * n * block  # factor, inverses, band workspace
     gb = 1e9
     if method == "cg":
         return "cg-nystrom", "requested"
@@ -271,7 +271,8 @@ class _Solver:
 class SolveReport:
     """Outcome of :func:`kernel_ridge` / :func:`solve_store` (``to_dict`` is the JSON report).
 
-    ``alpha`` (n_train, n_classes) and ``predictions`` (n_test, n_classes) are float64.
+    ``alpha`` (n_train, n_classes) and ``predictions`` (n_test, n_classes) are float64;
+    ``val_rows`` are the held-out training rows (positions in the train block).
     """
 
     kernel: str | None
@@ -303,11 +304,12 @@ class SolveReport:
     incomplete: bool = False
     alpha: np.ndarray | None = field(default=None, repr=False)
     predictions: np.ndarray | None = field(default=None, repr=False)
+    val_rows: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("alpha")
-        d.pop("predictions")
+        for key in ("alpha", "predictions", "val_rows"):
+            d.pop(key)
         return json.loads(json.dumps(d, default=_jsonable))
 
     def write_json(self, path) -> None:
@@ -455,7 +457,7 @@ def kernel_ridge(
     stages: dict[str, float] = {}
     detail: dict[str, Any] = {}
 
-    val_acc = val_mse = None
+    val_acc = val_mse = val = None
     n_val = 0
     if len(ridges) > 1:
         t0 = time.perf_counter()
@@ -523,6 +525,7 @@ def kernel_ridge(
         detail=detail,
         alpha=sol.alpha,
         predictions=predictions,
+        val_rows=val,
     )
 
 
@@ -575,6 +578,7 @@ def solve_store(
     rank: int = 512,
     write_results: bool = True,
     report_path=None,
+    lambdas=None,
 ) -> SolveReport:
     """Kernel ridge regression on a kernel store; results written back into it.
 
@@ -589,6 +593,8 @@ def solve_store(
         Write ``results/<kernel>`` into the store (atomically).
     report_path : str or Path, optional
         Also write the JSON report there.
+    lambdas : sequence of float, optional
+        Alias of ``ridges`` (used when ``ridges`` is None).
     ridges, method, memory_limit, val_fraction, seed, tol, max_iter, rank
         As in :func:`kernel_ridge`.
 
@@ -604,6 +610,8 @@ def solve_store(
     """
     from .store import open_kernel_store
 
+    if ridges is None:
+        ridges = lambdas
     store = open_kernel_store(kernel_store_path)
     if kernel not in store.kernels:
         raise InputError(
@@ -650,7 +658,7 @@ def solve_store(
         tol=tol,
         max_iter=max_iter,
         rank=rank,
-        block=store.tile * max(1, 1024 // store.tile),
+        block=store.tile * max(1, 512 // store.tile),
         n_classes=n_classes,
         kernel=kernel,
     )

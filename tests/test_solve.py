@@ -1,0 +1,279 @@
+"""Regression stage: solvers against dense numpy, each other, and real kernel stores."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import zarr
+
+from deqntk_dist import DEQSpec, kernel_matrix, write_dataset_store
+from deqntk_dist.cli import main
+from deqntk_dist.errors import IncompleteStoreError, InputError, SolveError
+from deqntk_dist.linalg import (
+    IndexedBlocks,
+    block_cholesky,
+    nystrom_preconditioner,
+    pcg,
+    sym_matmul,
+)
+from deqntk_dist.solve import kernel_ridge, one_hot_targets, parse_memory, solve_store
+from deqntk_dist.store import create_kernel_store
+
+SPEC = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
+
+
+def _data(rng, n, d=8, k=3, sep=2.0):
+    centres = sep * rng.normal(size=(k, d))
+    y = rng.integers(0, k, n)
+    return centres[y] + rng.normal(size=(n, d)), y
+
+
+def _make_store(path, x, y, n_train, *, tile, dtype="float32", tiles=None):
+    """A real kernel store through the store API, tiles from ``kernel_matrix``."""
+    ds = write_dataset_store(path / "ds", x, y, n_train=n_train, name="toy")
+    store = create_kernel_store(path / "ks", ds, SPEC, tile=tile, dtype=dtype, kernels=("ntk",))
+    X = ds.rows(0, ds.n)
+    for i, j in store.plan.tiles() if tiles is None else tiles:
+        r0, r1 = store.plan.bounds(i)
+        c0, c1 = store.plan.bounds(j)
+        res = kernel_matrix(SPEC, X[r0:r1]) if i == j else kernel_matrix(SPEC, X[r0:r1], X[c0:c1])
+        store.write_tile(i, j, {"ntk": res.ntk}, max_residual=0.0, iterations=1, seconds=0.0)
+    return store
+
+
+def _dense_alpha(K, y, ridge, k):
+    """Independent route: numpy solve of the float64 system."""
+    K = np.asarray(K, dtype=np.float64)
+    n = len(K)
+    Y = np.full((n, k), -0.1)
+    Y[np.arange(n), y] = 0.9
+    shift = ridge * np.trace(K) / n
+    return np.linalg.solve(K + shift * np.eye(n), Y), Y, shift
+
+
+def _rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """2,400 training + 400 test rows, float32, tile 256 (not dividing n_train)."""
+    rng = np.random.default_rng(7)
+    x, y = _data(rng, 2800)
+    return _make_store(tmp_path_factory.mktemp("big"), x, y, 2400, tile=256)
+
+
+# ------------------------------------------------------------------------- numerical core
+def test_block_cholesky_matches_lapack_and_solves(rng):
+    n = 203
+    A = rng.normal(size=(n, n))
+    K = A @ A.T / n
+    L = block_cholesky(K, 0.5, dtype=np.float64, block=64)
+    ref = scipy.linalg.cholesky(K + 0.5 * np.eye(n), lower=True)
+    dense = np.vstack([np.pad(r, ((0, 0), (0, n - r.shape[1]))) for r in L.rows])
+    np.testing.assert_allclose(dense, ref, rtol=0, atol=1e-12)
+    B = rng.normal(size=(n, 4))
+    np.testing.assert_allclose(L.solve(B), np.linalg.solve(K + 0.5 * np.eye(n), B), atol=1e-10)
+    np.testing.assert_allclose(sym_matmul(K, B, 0.5, block=50), (K + 0.5 * np.eye(n)) @ B)
+
+
+def test_indexed_blocks_and_nystrom(rng):
+    n = 120
+    Z = rng.normal(size=(n, 6))
+    K = Z @ Z.T  # rank 6
+    rows = np.sort(rng.choice(n, 70, replace=False))
+    view = IndexedBlocks(K, rows, rows)
+    np.testing.assert_array_equal(view[5:40, 10:70], K[np.ix_(rows[5:40], rows[10:70])])
+    nys = nystrom_preconditioner(K, 10, block=32)
+    approx = nys.U @ np.diag(nys.lam) @ nys.U.T
+    assert _rel(approx, K) < 1e-8  # exact for rank <= sketch size
+
+
+def test_pcg_jacobi_matches_dense(rng):
+    n = 150
+    A = rng.normal(size=(n, n))
+    K = A @ A.T / n
+    B = rng.normal(size=(n, 3))
+    x, info = pcg(K, B, 0.3, tol=1e-12, max_iter=1000)
+    assert info.converged and info.residual <= 1e-12
+    assert _rel(x, np.linalg.solve(K + 0.3 * np.eye(n), B)) < 1e-10
+
+
+@pytest.mark.parametrize("method,limit", [("cholesky", None), ("cholesky", 1.25e6), ("cg", None)])
+def test_kernel_ridge_equals_dense_numpy(rng, method, limit):
+    x, y = _data(rng, 460)
+    K = kernel_matrix(SPEC, x).ntk.astype(np.float32)
+    n = 400
+    rep = kernel_ridge(
+        K[:n, :n],
+        y[:n],
+        K[n:, :n],
+        y[n:],
+        ridges=[1e-3],
+        method=method,
+        memory_limit=limit,
+        block=96,
+        rank=100,
+    )
+    expect = "cg-nystrom" if method == "cg" else "cholesky-mixed" if limit else "cholesky-float64"
+    assert rep.method == expect
+    alpha, Y, shift = _dense_alpha(K[:n, :n], y[:n], 1e-3, 3)
+    assert rep.shift == pytest.approx(shift, rel=1e-12)
+    assert _rel(rep.alpha, alpha) < 1e-8
+    pred = K[n:, :n].astype(np.float64) @ alpha
+    np.testing.assert_allclose(rep.predictions, pred, rtol=0, atol=1e-8 * np.abs(pred).max())
+    assert rep.accuracy == np.mean(pred.argmax(1) == y[n:])
+    assert rep.residual <= 1e-10 and rep.val_accuracy is None
+
+
+def test_validation_selects_known_best_ridge():
+    # imbalanced two classes, 20% label noise: tiny ridges fit the noise, huge ridges predict
+    # the majority class; the best ridge is interior
+    rng = np.random.default_rng(1)
+    n, d = 400, 5
+    clean = (rng.random(n) < 0.25).astype(int)
+    x = rng.normal(size=(n, d))
+    x[:, 0] += 3.0 * clean
+    y = np.where(rng.random(n) < 0.2, 1 - clean, clean)
+    K = kernel_matrix(SPEC, x).ntk
+    ridges = [1e-6, 1e-3, 1e-1, 10.0, 1e3]
+    rep = kernel_ridge(K, y, ridges=ridges, method="cholesky", val_fraction=0.2, seed=3)
+    val = rep.val_rows
+    fit = np.setdiff1d(np.arange(n), val)
+    assert len(val) == 80 and rep.n_fit == 320
+    accs, mses = [], []
+    for lam in ridges:  # independent: dense solve on the split
+        alpha, _, _ = _dense_alpha(K[np.ix_(fit, fit)], y[fit], lam, 2)
+        pred = K[np.ix_(val, fit)] @ alpha
+        accs.append(np.mean(pred.argmax(1) == y[val]))
+        mses.append(np.mean((pred - one_hot_targets(y[val], 2)) ** 2))
+    np.testing.assert_allclose(rep.val_accuracy, accs)
+    np.testing.assert_allclose(rep.val_mse, mses, rtol=1e-8)
+    best = int(np.argmax(accs))
+    assert 0 < best < len(ridges) - 1 and accs[best] > max(accs[0], accs[-1])
+    assert rep.ridge == ridges[best]
+    alpha, _, _ = _dense_alpha(K, y, ridges[best], 2)
+    assert _rel(rep.alpha, alpha) < 1e-8
+
+
+# ---------------------------------------------------------------------------- kernel store
+def test_store_cholesky_and_cg_agree(big_store, tmp_path):
+    ks = big_store
+    chol = solve_store(ks.path, ridges=[1e-3], method="cholesky", report_path=tmp_path / "r.json")
+    cg = solve_store(ks.path, ridges=[1e-3], method="cg", write_results=False)
+    assert chol.method == "cholesky-float64" and cg.method == "cg-nystrom"
+    assert _rel(cg.alpha, chol.alpha) <= 1e-6
+    # independent: plain zarr read of the store + numpy solve
+    K = zarr.open_array(f"{ks.path}/ntk", mode="r")[...]
+    y = ks.labels()
+    alpha, _, _ = _dense_alpha(K[:2400, :2400], y[:2400], 1e-3, 3)
+    assert _rel(chol.alpha, alpha) < 1e-8
+    pred = K[2400:, :2400].astype(np.float64) @ alpha
+    assert chol.accuracy == np.mean(pred.argmax(1) == y[2400:]) and chol.accuracy > 0.8
+    # results written back atomically, and the JSON report
+    res = zarr.open_group(f"{ks.path}/results/ntk", mode="r")
+    assert res.attrs["complete"] is True
+    np.testing.assert_array_equal(res["alpha"][...], chol.alpha)
+    np.testing.assert_array_equal(res["predictions"][...], chol.predictions)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["accuracy"] == chol.accuracy and rep["method"] == "cholesky-float64"
+    assert rep == res.attrs["report"]
+
+
+def test_store_mixed_precision_reaches_float64_residual(big_store):
+    ks = big_store
+    # the dense float64 block (46 MB) does not fit, the packed float32 factor does
+    rep = solve_store(ks.path, ridges=[1e-4], memory_limit="45MB", write_results=False)
+    assert rep.method == "cholesky-mixed" and rep.detail["factor_dtype"] == "float32"
+    K = np.asarray(ks.train_train("ntk"), dtype=np.float64)
+    Y = one_hot_targets(ks.labels()[:2400], 3)
+    r = Y - (K + rep.shift * np.eye(2400)) @ rep.alpha
+    assert np.linalg.norm(r, axis=0).max() / np.linalg.norm(Y, axis=0).min() <= 1e-10
+    ref = solve_store(ks.path, ridges=[1e-4], method="cholesky", write_results=False)
+    assert _rel(rep.alpha, ref.alpha) < 1e-8
+
+
+def test_incomplete_store_refused_or_solved_on_complete_blocks(tmp_path, rng):
+    x, y = _data(rng, 300)
+    tiles = [(0, 0), (0, 1), (1, 1), (0, 3), (1, 3), (3, 3)]  # block 2 missing
+    ks = _make_store(tmp_path, x, y, 200, tile=64, tiles=tiles)
+    with pytest.raises(IncompleteStoreError, match="tiles are not done.*allow-incomplete"):
+        solve_store(ks.path, ridges=[1e-3])
+    assert main(["solve", ks.path, "--ridge", "1e-3"]) == 2
+    rep = solve_store(ks.path, ridges=[1e-3], allow_incomplete=True)
+    # blocks 0, 1 and 3 are complete against each other: train rows 0..127 and 192..199
+    # (block 3 straddles n_train), test rows 200..255 (block 4 is missing)
+    train = np.concatenate([np.arange(128), np.arange(192, 200)])
+    test = np.arange(200, 256)
+    assert rep.incomplete and (rep.n_train, rep.n_test) == (len(train), len(test))
+    K = zarr.open_array(f"{ks.path}/ntk", mode="r")[...]
+    alpha, _, _ = _dense_alpha(K[np.ix_(train, train)], y[train], 1e-3, 3)
+    assert _rel(rep.alpha, alpha) < 1e-8
+    pred = K[np.ix_(test, train)].astype(np.float64) @ alpha
+    np.testing.assert_allclose(rep.predictions, pred, atol=1e-8 * np.abs(pred).max())
+    res = zarr.open_group(f"{ks.path}/results/ntk", mode="r")
+    np.testing.assert_array_equal(res["train_rows"][...], train)
+    np.testing.assert_array_equal(res["test_rows"][...], test)
+
+
+def test_nan_block_and_size_mismatch_are_clear_errors(tmp_path, rng):
+    x, y = _data(rng, 150)
+    ks = _make_store(tmp_path, x, y, 120, tile=64)
+    root = zarr.open_group(ks.path, mode="r+")
+    root["ntk"][70, 3] = np.nan
+    with pytest.raises(SolveError, match=r"non-finite.*\(70, 3\)"):
+        solve_store(ks.path, ridges=[1e-3])
+    root["ntk"][70, 3] = 1.0
+    root["labels"].resize((149,))
+    with pytest.raises(SolveError, match="label/kernel size mismatch"):
+        solve_store(ks.path, ridges=[1e-3])
+    K = np.eye(10)
+    with pytest.raises(SolveError, match="size mismatch"):
+        kernel_ridge(K, np.zeros(9, int))
+
+
+@pytest.mark.parametrize("method", ["cholesky", "cg"])
+def test_indefinite_matrix_is_a_clear_error(rng, method):
+    n = 60
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    w = np.linspace(1.0, 2.0, n)
+    w[10] = -5.0
+    K = (Q * w) @ Q.T
+    with pytest.raises(SolveError, match="not positive definite"):
+        kernel_ridge(K, rng.integers(0, 2, n), ridges=[1e-3], method=method)
+
+
+def test_bad_parameters(rng):
+    K = np.eye(20)
+    y = rng.integers(0, 2, 20)
+    with pytest.raises(InputError, match="method must be one of"):
+        kernel_ridge(K, y, method="qr")
+    with pytest.raises(InputError, match="ridges must be"):
+        kernel_ridge(K, y, ridges=[0.1, -1])
+    with pytest.raises(InputError, match="val_fraction"):
+        kernel_ridge(K, y, val_fraction=0.9)
+    with pytest.raises(InputError, match="memory_limit"):
+        parse_memory("lots")
+    assert parse_memory("1.5GB") == 1_500_000_000 and parse_memory("2 GiB") == 2 * 2**30
+
+
+def test_cli_solve_json(big_store, tmp_path, capsys):
+    out = tmp_path / "rep.json"
+    rc = main(
+        [
+            "solve",
+            big_store.path,
+            "--ridge",
+            "1e-3,1e-1",
+            "--report",
+            str(out),
+            "--no-write",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    assert printed == saved and saved["ridges"] == [1e-3, 1e-1]
+    assert len(saved["val_accuracy"]) == 2 and saved["ridge"] in (1e-3, 1e-1)
