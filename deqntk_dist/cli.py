@@ -245,13 +245,87 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ solve
 def _add_solve(sub) -> None:
-    p = sub.add_parser("solve", help="kernel ridge regression on a kernel store")
+    p = sub.add_parser(
+        "solve",
+        help="kernel ridge regression on a kernel store",
+        description="Kernel ridge regression (K + lam tr(K)/n I) alpha = Y on the train block, "
+        "lam chosen on a validation split of the training rows, predictions and accuracy on "
+        "the test rows; results written into the store as results/<kernel>.",
+    )
     p.add_argument("kernel_store")
+    p.add_argument("--kernel", choices=("ntk", "nngp"), default="ntk", help="default ntk")
+    p.add_argument(
+        "--ridge",
+        default=None,
+        help="comma list of relative ridges lam, e.g. 1e-4,1e-3,1e-2 (default 1e-5..1e-1; "
+        "one value skips the validation)",
+    )
+    p.add_argument("--method", choices=("auto", "cholesky", "cg"), default="auto")
+    p.add_argument(
+        "--memory-limit", default=None, help="e.g. 16GB (default 75%% of the machine memory)"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.2, help="default 0.2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-10, help="relative residual (1e-10)")
+    p.add_argument("--max-iter", type=int, default=500, help="CG iterations per solve")
+    p.add_argument("--rank", type=int, default=512, help="Nystrom rank for --method cg")
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="solve a partial store on the rows whose tiles are all done",
+    )
+    p.add_argument("--report", default=None, help="also write the JSON report to this file")
+    p.add_argument(
+        "--no-write", action="store_true", help="do not write results/<kernel> into the store"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_solve)
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
-    raise NotImplementedError("solve: implemented with the regression stage (issue 4)")
+    import json
+
+    from .errors import InputError
+    from .solve import solve_store
+
+    ridges = None
+    if args.ridge is not None:
+        try:
+            ridges = [float(v) for v in args.ridge.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(
+                f"--ridge must be a comma list of numbers, got {args.ridge!r}"
+            ) from None
+    rep = solve_store(
+        args.kernel_store,
+        kernel=args.kernel,
+        ridges=ridges,
+        method=args.method,
+        memory_limit=args.memory_limit,
+        allow_incomplete=args.allow_incomplete,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        tol=args.tol,
+        max_iter=args.max_iter,
+        rank=args.rank,
+        write_results=not args.no_write,
+        report_path=args.report,
+    )
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=1))
+        return 0
+    acc = "n/a" if rep.accuracy is None else f"{rep.accuracy:.4f}"
+    print(f"store      {rep.store}  kernel {rep.kernel}")
+    print(f"rows       train {rep.n_train} (fit {rep.n_fit} + val {rep.n_val})  test {rep.n_test}")
+    print(f"method     {rep.method} ({rep.method_reason})")
+    if rep.val_accuracy is not None:
+        grid = "  ".join(f"{r:g}:{a:.4f}" for r, a in zip(rep.ridges, rep.val_accuracy))
+        print(f"validation {grid}")
+    print(f"ridge      {rep.ridge:g} (shift {rep.shift:.6g})")
+    print(f"residual   {rep.residual:.3g} after {rep.iterations} CG iterations")
+    print(f"accuracy   test {acc}  train {rep.train_accuracy:.4f}")
+    print(f"time       {rep.seconds:.1f} s  peak RSS {rep.peak_rss / 1e9:.2f} GB")
+    return 0
 
 
 # ------------------------------------------------------------------------------ prepare / run
