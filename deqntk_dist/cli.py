@@ -362,7 +362,8 @@ def _add_data_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
         "--preprocess",
         default=None,
         help="comma list of center|standardize, zca, unit-norm, or none (default: "
-        "center,unit-norm; cifar10: standardize,zca,unit-norm)",
+        "unit-norm for (fashion-)mnist, center,unit-norm for npz, "
+        "standardize,zca,unit-norm for cifar10)",
     )
     p.add_argument(
         "--zca-strength",
@@ -446,7 +447,14 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--lambdas",
         default=None,
-        help="comma list of relative ridge values (default: the solver's grid)",
+        help="comma list of relative ridges lam, chosen on a validation split of the training "
+        "rows (default: the solver's grid 1e-5..1e-1; one value is used as given)",
+    )
+    p.add_argument(
+        "--solve-method",
+        choices=("auto", "cholesky", "cg"),
+        default="auto",
+        help="regression solver route (default auto: by memory)",
     )
     p.add_argument(
         "--what",
@@ -514,6 +522,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         kernels=args.what,
         solve_kernel=args.solve_kernel,
         lambdas=lambdas,
+        solve_method=args.solve_method,
         tile=args.tile,
         dtype=args.dtype,
         runtime=runtime,

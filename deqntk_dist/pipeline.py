@@ -50,8 +50,8 @@ LAYOUTS = ("flat", "image")
 
 #: Default preprocessing per dataset (from the validation sweep, see scripts/sweep_hparams.py).
 DEFAULT_PREPROCESS = {
-    "fashion-mnist": PreprocessConfig(steps=("center", "unit-norm")),
-    "mnist": PreprocessConfig(steps=("center", "unit-norm")),
+    "fashion-mnist": PreprocessConfig(steps=("unit-norm",)),
+    "mnist": PreprocessConfig(steps=("unit-norm",)),
     "cifar10": PreprocessConfig(steps=("standardize", "zca", "unit-norm"), zca_strength=0.1),
     "npz": PreprocessConfig(steps=("center", "unit-norm")),
 }
