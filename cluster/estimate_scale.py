@@ -32,7 +32,7 @@ import numpy as np
 
 from deqntk_dist import CDEQSpec, DEQSpec, kernel_matrix, write_dataset_store
 from deqntk_dist.plan import TilePlan, choose_tile
-from deqntk_dist.store import create_kernel_store
+from deqntk_dist.store import LEDGER_FIELDS, create_kernel_store
 
 FC_SPEC = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
 #: full datasets: (name, N, feature shape, kernels to estimate)
@@ -47,6 +47,19 @@ TILE_BUDGET = 2 * 2**30
 def unit_rows(rng, n: int, shape) -> np.ndarray:
     """Rows scaled to norm sqrt(d), like the ``unit-norm`` preprocessing."""
     x = rng.normal(size=(n, *shape))
+    flat = x.reshape(n, -1)
+    flat *= np.sqrt(flat.shape[1]) / np.linalg.norm(flat, axis=1, keepdims=True)
+    return x
+
+
+def smooth_images(rng, n: int, H: int = 32, W: int = 32, C: int = 3) -> np.ndarray:
+    """Random colour fields with a 1/f^2 power spectrum (natural-image-like correlations),
+    scaled to norm sqrt(H W C) like the ``unit-norm`` preprocessing."""
+    ky, kx = np.fft.fftfreq(H)[:, None, None], np.fft.fftfreq(W)[None, :, None]
+    filt = 1.0 / (0.02 + ky**2 + kx**2)
+    noise = np.fft.fft2(rng.normal(size=(n, H, W, C)), axes=(1, 2))
+    x = np.fft.ifft2(noise * filt, axes=(1, 2)).real
+    x -= x.mean(axis=(1, 2, 3), keepdims=True)
     flat = x.reshape(n, -1)
     flat *= np.sqrt(flat.shape[1]) / np.linalg.norm(flat, axis=1, keepdims=True)
     return x
@@ -75,8 +88,9 @@ def fc_seconds_per_entry(d: int, tile: int, reps: int, rng) -> float:
     return median_time(lambda: kernel_matrix(FC_SPEC, A, B), reps) / tile**2
 
 
-def write_seconds_per_entry(tile: int, reps: int, rng, workdir: Path) -> float:
-    """One tile + mirror of ntk and nngp written as float32 chunks, plus its ledger."""
+def write_seconds_per_pair(tile: int, reps: int, rng, workdir: Path) -> float:
+    """One off-diagonal tile and its mirror of ntk and nngp written as float32 chunks, plus
+    its ledger, per computed pair (``tile**2``; the mirror's copy is included)."""
     n = 2 * tile
     ds = write_dataset_store(
         workdir / "ds.zarr", rng.normal(size=(n, 4)), np.zeros(n, int), n_train=n, name="w"
@@ -97,7 +111,7 @@ def cdeq_costs(readout: str, pairs: int, reps: int, rng) -> dict:
     from deqntk_dist.kernels import self_covariance
 
     spec = CDEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1, filter_size=3, readout=readout)
-    X, Y = unit_rows(rng, pairs, (32, 32, 3)), unit_rows(rng, pairs, (32, 32, 3))
+    X, Y = smooth_images(rng, pairs), smooth_images(rng, pairs)
     t0 = time.perf_counter()
     sx, sy = self_covariance(spec, X), self_covariance(spec, Y)
     self_s = (time.perf_counter() - t0) / (2 * pairs)  # includes the first compile
@@ -126,10 +140,10 @@ def cdeq_tile(n: int, per_pair: float, max_seconds: float) -> int:
     return min(side, choose_tile(n, TILE_BUDGET))
 
 
-def estimate(n: int, per_pair: float, write_per_entry: float, tile: int, targets, kernels=2):
+def estimate(n: int, per_pair: float, write_per_pair: float, tile: int, targets, kernels=2):
     plan = TilePlan(n=n, tile=tile)
     pairs = n * (n + 1) // 2
-    compute_s = pairs * per_pair + n * n * write_per_entry
+    compute_s = pairs * (per_pair + write_per_pair)
     core_hours = compute_s / 3600
     store_gb = kernels * n * n * 4 / 1e9
     tile_s = compute_s / plan.n_tiles
@@ -141,6 +155,8 @@ def estimate(n: int, per_pair: float, write_per_entry: float, tile: int, targets
         "core_hours": core_hours,
         "seconds_per_tile": tile_s,
         "store_gb_float32_ntk_nngp": store_gb,
+        # one file per chunk: ntk + nngp (nb^2 each) and the ledger (nb^2 per field)
+        "store_files": plan.n_blocks**2 * (kernels + len(LEDGER_FIELDS)),
         "workers_for_target": {},
     }
     for h in targets:
@@ -158,7 +174,7 @@ def estimate(n: int, per_pair: float, write_per_entry: float, tile: int, targets
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fc-tile", type=int, default=2048, help="measured FC tile side")
-    p.add_argument("--cdeq-pairs", type=int, default=4, help="images per side (flatten)")
+    p.add_argument("--cdeq-pairs", type=int, default=16, help="images per side (flatten)")
     p.add_argument("--gap-pairs", type=int, default=2, help="images per side (gap)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--target-hours", default="4,24", help="comma list of wall-time targets")
@@ -176,7 +192,7 @@ def main(argv=None) -> int:
     limits = one_thread()
     measured: dict = {}
     with tempfile.TemporaryDirectory(prefix="deqntk-scale-") as tmp:
-        measured["write_seconds_per_entry"] = write_seconds_per_entry(
+        measured["write_seconds_per_pair"] = write_seconds_per_pair(
             1024, args.reps, rng, Path(tmp)
         )
     for d in (784, 3072):
@@ -210,14 +226,14 @@ def main(argv=None) -> int:
             else:
                 results.append({"dataset": name, "kernel": kind, "pending": True})
                 continue
-            est = estimate(n, per_pair, measured["write_seconds_per_entry"], tile, targets)
+            est = estimate(n, per_pair, measured["write_seconds_per_pair"], tile, targets)
             est["core_hours"] += extra
             results.append({"dataset": name, "kernel": kind, "seconds_per_pair": per_pair, **est})
 
     print(f"measured (one thread): {json.dumps(measured, indent=1)}")
     print(
-        f"\n{'dataset':<14}{'kernel':<14}{'s/pair':>10}{'tiles':>8}{'s/tile':>10}"
-        f"{'core-h':>11}{'store GB':>10}  workers for target wall time"
+        f"\n{'dataset':<14}{'kernel':<14}{'s/pair':>10}{'tile':>6}{'tiles':>8}{'s/tile':>10}"
+        f"{'core-h':>11}{'store GB':>10}{'files':>10}  workers for target wall time"
     )
     for r in results:
         if r.get("pending"):
@@ -228,9 +244,10 @@ def main(argv=None) -> int:
             for k, v in r["workers_for_target"].items()
         )
         print(
-            f"{r['dataset']:<14}{r['kernel']:<14}{r['seconds_per_pair']:>10.3g}{r['tiles']:>8}"
+            f"{r['dataset']:<14}{r['kernel']:<14}{r['seconds_per_pair']:>10.3g}{r['tile']:>6}"
+            f"{r['tiles']:>8}"
             f"{r['seconds_per_tile']:>10.3g}{r['core_hours']:>11.4g}"
-            f"{r['store_gb_float32_ntk_nngp']:>10.1f}  {w}"
+            f"{r['store_gb_float32_ntk_nngp']:>10.1f}{r['store_files']:>10.3g}  {w}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"measured": measured, "estimates": results}))
