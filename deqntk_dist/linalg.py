@@ -356,16 +356,19 @@ def nystrom_preconditioner(
     if rank == 0:
         return NystromPreconditioner(U=np.zeros((n, 0)), lam=np.zeros(0), rank=0)
     rng = np.random.default_rng(seed)
-    omega, _ = np.linalg.qr(rng.standard_normal((n, rank)))
+    # threaded LAPACK QR / SVD crawl on a busy machine (thread sync in level-2 BLAS)
+    with _blas_single_thread():
+        omega, _ = np.linalg.qr(rng.standard_normal((n, rank)))
     Y = sym_matmul(K, omega, block=block)
-    nu = np.sqrt(n) * np.finfo(np.float64).eps * np.linalg.norm(Y, 2)
+    nu = np.sqrt(n) * np.finfo(np.float64).eps * np.linalg.norm(Y)  # tiny stabilising shift
     Y += nu * omega
     core = omega.T @ Y
     core = 0.5 * (core + core.T)
-    w, V = np.linalg.eigh(core)
-    keep = w > w.max() * 1e-12
-    B = Y @ (V[:, keep] / np.sqrt(w[keep]))
-    U, sig, _ = np.linalg.svd(B, full_matrices=False)
+    with _blas_single_thread():
+        w, V = np.linalg.eigh(core)
+        keep = w > w.max() * 1e-12
+        B = Y @ (V[:, keep] / np.sqrt(w[keep]))
+        U, sig, _ = np.linalg.svd(B, full_matrices=False)
     lam = np.maximum(sig**2 - nu, 0.0)
     return NystromPreconditioner(
         U=U, lam=lam, rank=int(keep.sum()), seconds=time.perf_counter() - t0

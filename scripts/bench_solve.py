@@ -1,0 +1,239 @@
+"""Benchmark of the regression stage: time, peak memory and residual per method and size.
+
+For every size a real kernel store (DEQ-NTK of synthetic clustered data, float32, computed
+tile by tile with ``kernel_matrix`` and written through the store API) is built under
+``--dir`` and deleted afterwards (unless ``--keep``).  Every solve runs in its own
+subprocess, so the peak RSS is that solve's own, and a crash (e.g. a BLAS segfault,
+DESIGN §5) is reported instead of killing the benchmark.  Routes:
+
+``baseline``  dense float64 ``scipy.linalg.solve(assume_a="pos")`` on one BLAS thread
+              (the whole train block in memory); only up to ``--baseline-max``.
+``float64``   ``method="cholesky"`` with room for the dense float64 block: blocked float64
+              Cholesky + float64 refinement.
+``mixed``     ``method="cholesky"`` with a memory limit below the dense float64 block:
+              float32 factor as the preconditioner of float64 CG.
+``cg``        ``method="cg"``: Nyström-preconditioned CG.
+
+Usage::
+
+    python scripts/bench_solve.py --sizes 10000,30000 --routes baseline,float64,mixed,cg
+    python scripts/bench_solve.py --sizes 60000 --routes mixed
+
+Prints one line per solve and a JSON summary (``--out`` to save it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROUTES = ("baseline", "float64", "mixed", "cg")
+SPEC_KW = {"sigma_w2": 1.0, "sigma_u2": 1.0, "sigma_b2": 0.1}
+
+
+def build_store(path: Path, n_train: int, n_test: int, *, tile: int, d: int, seed: int) -> dict:
+    """Dataset + kernel store of ``n_train + n_test`` synthetic rows (10 Gaussian classes)."""
+    from deqntk_dist import DEQSpec, kernel_matrix, write_dataset_store
+    from deqntk_dist.store import create_kernel_store
+
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    centres = 0.25 * rng.normal(size=(10, d))
+    y = rng.integers(0, 10, n)
+    x = centres[y] + rng.normal(size=(n, d))
+    spec = DEQSpec(**SPEC_KW)
+    t0 = time.perf_counter()
+    ds = write_dataset_store(path / "dataset.zarr", x, y, n_train=n_train, name="synthetic")
+    ks = create_kernel_store(path / "kernel.zarr", ds, spec, tile=tile, kernels=("ntk",))
+    X = ds.rows(0, n).astype(np.float64)
+    for i, j in ks.plan.tiles():
+        r0, r1 = ks.plan.bounds(i)
+        c0, c1 = ks.plan.bounds(j)
+        res = kernel_matrix(spec, X[r0:r1]) if i == j else kernel_matrix(spec, X[r0:r1], X[c0:c1])
+        ks.write_tile(
+            i,
+            j,
+            {"ntk": res.ntk},
+            max_residual=res.max_residual,
+            iterations=res.iterations,
+            seconds=0.0,
+        )
+    return {"seconds": time.perf_counter() - t0, "bytes": 4 * n * n}
+
+
+def run_worker(args) -> dict:
+    """One solve in this process (``--worker``); returns the measured figures."""
+    from deqntk_dist import open_kernel_store
+    from deqntk_dist.solve import one_hot_targets, solve_store
+
+    ks = open_kernel_store(args.store)
+    n = ks.n_train
+    t0 = time.perf_counter()
+    out: dict = {"route": args.worker, "n_train": n}
+    if args.worker == "baseline":
+        import scipy.linalg
+        from threadpoolctl import threadpool_limits
+
+        K = np.asarray(ks.train_train("ntk"), dtype=np.float64)
+        y = ks.labels()
+        Y = one_hot_targets(y[:n], int(y.max()) + 1)
+        shift = args.ridge * np.trace(K) / n
+        K[np.diag_indices(n)] += shift
+        with threadpool_limits(1, user_api="blas"):  # threaded dpotrf segfaults (DESIGN §5)
+            alpha = scipy.linalg.solve(K, Y, assume_a="pos", check_finite=False)
+        seconds = time.perf_counter() - t0
+        r = Y - K @ alpha
+        out.update(
+            method="dense-scipy-float64",
+            seconds=seconds,
+            residual=float((np.linalg.norm(r, axis=0) / np.linalg.norm(Y, axis=0)).max()),
+        )
+        pred = ks.test_train("ntk").astype(np.float64) @ alpha
+        out["accuracy"] = float(np.mean(pred.argmax(1) == y[n:]))
+    else:
+        method = "cg" if args.worker == "cg" else "cholesky"
+        limit = {
+            "float64": args.memory_limit,
+            "mixed": min(args.memory_limit, 8 * n * n - 1),
+            "cg": args.memory_limit,
+        }[args.worker]
+        rep = solve_store(
+            args.store,
+            ridges=[args.ridge],
+            method=method,
+            memory_limit=limit,
+            rank=args.rank,
+            write_results=False,
+            max_iter=args.max_iter,
+        )
+        out.update(
+            method=rep.method,
+            seconds=rep.seconds,
+            residual=rep.residual,
+            iterations=rep.iterations,
+            accuracy=rep.accuracy,
+            detail=rep.detail,
+            stages=rep.stages,
+        )
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def run_one(store: Path, route: str, args) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        route,
+        "--store",
+        str(store),
+        "--ridge",
+        str(args.ridge),
+        "--memory-limit",
+        str(args.memory_limit),
+        "--rank",
+        str(args.rank),
+        "--max-iter",
+        str(args.max_iter),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {
+            "route": route,
+            "failed": True,
+            "returncode": proc.returncode,
+            "wall": wall,
+            "stderr": proc.stderr[-2000:],
+        }
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall"] = wall
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="10000,30000", help="comma list of n_train")
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--routes", default="baseline,float64,mixed,cg")
+    p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge lam")
+    p.add_argument("--memory-limit", type=float, default=20e9, help="bytes (default 20e9)")
+    p.add_argument("--rank", type=int, default=512)
+    p.add_argument("--max-iter", type=int, default=500)
+    p.add_argument("--tile", type=int, default=2048)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--baseline-max", type=int, default=20000)
+    p.add_argument("--dir", default="/tmp/deqntk-bench-solve")
+    p.add_argument("--keep", action="store_true", help="keep the stores")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--out", default=None, help="write the JSON summary here")
+    p.add_argument("--worker", choices=ROUTES, help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args), default=str))
+        return 0
+    routes = [r for r in args.routes.split(",") if r]
+    if any(r not in ROUTES for r in routes):
+        p.error(f"--routes must be a comma list of {', '.join(ROUTES)}")
+    results = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        path = Path(args.dir) / f"n{n}"
+        if not (path / "kernel.zarr").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            info = build_store(path, n, args.n_test, tile=args.tile, d=args.dim, seed=n)
+            print(
+                f"n_train={n}: built {info['bytes'] / 1e9:.1f} GB store in "
+                f"{info['seconds']:.0f} s",
+                flush=True,
+            )
+        base = None
+        for route in routes:
+            if route == "baseline" and n > args.baseline_max:
+                continue
+            res = run_one(path / "kernel.zarr", route, args)
+            res["n_train"] = n
+            results.append(res)
+            if res.get("failed"):
+                print(
+                    f"n_train={n} {route:8s} FAILED rc={res['returncode']} after "
+                    f"{res['wall']:.0f} s: {res['stderr'][-300:]}",
+                    flush=True,
+                )
+                continue
+            if route == "baseline":
+                base = res["seconds"]
+            ratio = f"  {res['seconds'] / base:5.2f}x baseline" if base else ""
+            print(
+                f"n_train={n} {route:8s} {res['method']:20s} {res['seconds']:8.1f} s  "
+                f"peak RSS {res['peak_rss'] / 1e9:6.2f} GB  residual {res['residual']:.2e}  "
+                f"iters {res.get('iterations', '-')}  accuracy {res['accuracy']:.4f}{ratio}",
+                flush=True,
+            )
+        if not args.keep:
+            shutil.rmtree(path, ignore_errors=True)
+    summary = {
+        "ridge": args.ridge,
+        "memory_limit": args.memory_limit,
+        "cpus": os.cpu_count(),
+        "results": results,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
