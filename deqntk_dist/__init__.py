@@ -13,6 +13,7 @@ from .errors import (
     StoreMismatchError,
 )
 from .kernels import KernelResult, kernel_matrix
+from .solve import SolveReport, kernel_ridge, solve_store
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
 from .store import open_kernel_store
 
@@ -28,12 +29,15 @@ __all__ = [
     "InputError",
     "KernelResult",
     "SolveError",
+    "SolveReport",
     "SpecError",
     "StoreError",
     "StoreMismatchError",
     "kernel_matrix",
+    "kernel_ridge",
     "open_dataset_store",
     "open_kernel_store",
+    "solve_store",
     "spec_from_dict",
     "write_dataset_store",
     "__version__",
