@@ -75,8 +75,11 @@ def _readout(readout, K):
 def test_unrolled_recursion_agrees_with_both_readouts(rng, params, k):
     X = rng.standard_normal((3, 6, 6, 2))
     X[2] = 0.5 * X[0] + 0.2 * rng.standard_normal((6, 6, 2))
-    refs = {(i, j): _unrolled(CDEQSpec(**params, filter_size=k), X[i], X[j], 200)
-            for i in range(3) for j in range(3)}
+    refs = {
+        (i, j): _unrolled(CDEQSpec(**params, filter_size=k), X[i], X[j], 200)
+        for i in range(3)
+        for j in range(3)
+    }
     for readout in ("flatten", "gap"):
         spec = CDEQSpec(**params, filter_size=k, readout=readout)
         got = kernel_matrix(spec, X)
