@@ -40,6 +40,7 @@ __all__ = [
 
 _CONTROLLER: ThreadpoolController | None = None
 _SYRK_SPLIT = 4096  # column chunk for the diagonal-block update (avoids numpy's syrk path)
+_CAST_COLS = 8192  # column chunk of the float64 copies in sym_matmul
 
 
 def _blas_single_thread():
@@ -188,10 +189,14 @@ def sym_matmul(K, X: np.ndarray, shift: float = 0.0, *, block: int | None = None
     # skinny products are memory bound: one BLAS thread is faster (4x on a busy machine)
     with _blas_single_thread() if X2.shape[1] <= 64 else contextlib.nullcontext():
         for s, e in _bounds(n, block):
-            band = _read(K, s, e, 0, e).astype(np.float64, copy=False)
-            out[s:e] += band @ X2[:e]
-            if s:
-                out[:s] += (X2[s:e].T @ band[:, :s]).T
+            band = _read(K, s, e, 0, e)
+            for c0 in range(0, e, _CAST_COLS):  # float64 copies of bounded size
+                c1 = min(e, c0 + _CAST_COLS)
+                sub = band[:, c0:c1].astype(np.float64)
+                out[s:e] += sub @ X2[c0:c1]
+                if c0 < s:
+                    m = min(c1, s)
+                    out[c0:m] += (X2[s:e].T @ sub[:, : m - c0]).T
     return out.reshape(X.shape) if vec else out
 
 
