@@ -160,7 +160,7 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     """
     from .kernels import kernel_matrix
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ks = _store(job.store)
     what = job.describe()
     X = _rows(job.dataset, ks.dataset_fingerprint, *job.rows)
@@ -175,7 +175,7 @@ def run_tile(job: TileJob) -> dict[str, Any]:
             res = kernel_matrix(ks.spec, X, Y, **kw)
     except DeqntkError as exc:
         return _failure(what, exc)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     values = {name: getattr(res, name) for name in ks.kernels}
     crc = ks.write_tile(
         job.i,
@@ -195,6 +195,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
         "iterations": int(res.iterations),
         "seconds": t1 - t0,
         "write_seconds": time.perf_counter() - t1,
+        "cpu_seconds": c1 - c0,
+        "write_cpu_seconds": time.process_time() - c1,
         "bytes": n_entries * ks.dtype.itemsize * len(ks.kernels),
         "checksum": crc["checksum"],
         "peak_rss": _peak_rss(),
@@ -237,6 +239,8 @@ class ComputeReport:
         Worker pid -> peak resident memory (bytes) reported by its tiles.
     compute_seconds, write_seconds : float
         Summed over tiles: reading rows + kernel maths, and cast + checksum + write + ledger.
+    compute_cpu_seconds, write_cpu_seconds : float
+        The same phases in worker CPU time (robust to a shared, oversubscribed machine).
     tile : int
     workers : int
     """
@@ -253,6 +257,8 @@ class ComputeReport:
     peak_rss: dict
     compute_seconds: float
     write_seconds: float
+    compute_cpu_seconds: float
+    write_cpu_seconds: float
     tile: int
     workers: int
 
@@ -555,7 +561,8 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
     bar = Progress(
         plan.n_tiles, done_before, entries_total, entries_before, enabled=progress and bool(jobs)
     )
-    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}, "compute": 0.0, "write": 0.0}
+    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}}
+    acc.update(compute=0.0, write=0.0, compute_cpu=0.0, write_cpu=0.0)
 
     def on_result(r: dict) -> None:
         acc["entries"] += r["entries"]
@@ -563,6 +570,8 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         acc["res"] = max(acc["res"], r["max_residual"])
         acc["compute"] += r["seconds"]
         acc["write"] += r["write_seconds"]
+        acc["compute_cpu"] += r["cpu_seconds"]
+        acc["write_cpu"] += r["write_cpu_seconds"]
         acc["peak"][r["pid"]] = max(acc["peak"].get(r["pid"], 0), r["peak_rss"])
         bar.update(r["entries"])
 
@@ -595,6 +604,8 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         peak_rss=dict(acc["peak"]),
         compute_seconds=acc["compute"],
         write_seconds=acc["write"],
+        compute_cpu_seconds=acc["compute_cpu"],
+        write_cpu_seconds=acc["write_cpu"],
         tile=plan.tile,
         workers=summary["workers"],
     )

@@ -44,8 +44,11 @@ def synthetic_fashion(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return x, rng.integers(0, 10, n)
 
 
-def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int) -> float:
-    """Median seconds of ``kernel_matrix`` on one off-diagonal tile x tile block."""
+def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int, cpu=None) -> float:
+    """Median seconds of ``kernel_matrix`` on one off-diagonal tile x tile block.
+
+    ``cpu``, a list, receives the median process CPU seconds.
+    """
     import numba
     from threadpoolctl import threadpool_limits
 
@@ -53,7 +56,7 @@ def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int) ->
 
     A = X[:tile].astype(np.float64)
     B = X[tile : 2 * tile].astype(np.float64) if len(X) >= 2 * tile else X[-tile:][::-1].copy()
-    times = []
+    times, cpus = [], []
     prev = numba.get_num_threads()
     try:
         if threads is not None:
@@ -61,11 +64,14 @@ def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int) ->
         with threadpool_limits(limits=threads, user_api="blas") if threads else _null():
             kernel_matrix(spec, A[:64], B[:64])  # compile / warm up
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 kernel_matrix(spec, A, B)
                 times.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
     finally:
         numba.set_num_threads(prev)
+    if cpu is not None:
+        cpu.append(statistics.median(cpus))
     return statistics.median(times)
 
 
@@ -134,7 +140,9 @@ def main(argv=None) -> int:
         out["tile"] = tile
         bt = min(tile, args.n)
         t_full = bare_tile(spec, x, bt, None, args.bare_reps)
-        t_one = bare_tile(spec, x, bt, 1, args.bare_reps)
+        cpu_one: list = []
+        t_one = bare_tile(spec, x, bt, 1, args.bare_reps, cpu=cpu_one)
+        out["bare_1thread_cpu_seconds_per_entry"] = cpu_one[0] / (bt * bt)
         out["bare_tile"] = bt
         out["bare_threads"] = numba.get_num_threads()
         out["bare_entries_per_s"] = bt * bt / t_full
@@ -169,12 +177,18 @@ def main(argv=None) -> int:
             peak_rss_per_worker=sorted(rep.peak_rss.values()),
             worker_compute_seconds=rep.compute_seconds,
             worker_write_seconds=rep.write_seconds,
+            worker_compute_cpu_seconds=rep.compute_cpu_seconds,
+            worker_write_cpu_seconds=rep.write_cpu_seconds,
             max_residual=rep.max_residual,
         )
         out["ratio_vs_bare"] = out["distinct_entries_per_s"] / out["bare_entries_per_s"]
         out["ratio_vs_bare_tile_phase"] = (
             out["distinct_entries_per_s_tile_phase"] / out["bare_entries_per_s"]
         )
+        # load-independent: CPU seconds per distinct entry, bare kernel / all worker phases
+        worker_cpu = rep.compute_cpu_seconds + rep.write_cpu_seconds
+        out["cpu_efficiency"] = out["bare_1thread_cpu_seconds_per_entry"] * distinct / worker_cpu
+        out["write_cpu_fraction"] = rep.write_cpu_seconds / worker_cpu
         out["ratio_vs_bare_1thread_x_workers"] = out["distinct_entries_per_s"] / (
             workers * out["bare_1thread_entries_per_s"]
         )
@@ -201,7 +215,10 @@ def main(argv=None) -> int:
         f"end to end, {out['ratio_vs_bare_tile_phase']:.3f} tile phase; ratio to "
         f"{workers} x single-thread bare kernel: {out['ratio_vs_bare_1thread_x_workers']:.3f}; "
         f"to the mean of the bare kernel before/after: "
-        f"{out['ratio_vs_bare_mean_before_after']:.3f}"
+        f"{out['ratio_vs_bare_mean_before_after']:.3f}\n"
+        f"CPU efficiency (bare single-thread CPU s/entry over workers' CPU s/entry): "
+        f"{out['cpu_efficiency']:.3f}; write phase {100 * out['write_cpu_fraction']:.1f}% "
+        f"of worker CPU"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
