@@ -30,7 +30,7 @@ nohup setsid dask scheduler --host "$host" --port "$port" --dashboard-address "$
     >"$run_dir/scheduler.log" 2>&1 </dev/null &
 for _ in $(seq 120); do
     if [[ -s "$run_dir/scheduler.json" ]]; then
-        python - "$run_dir/scheduler.json" <<'PY'
+        "${PYTHON:-python3}" - "$run_dir/scheduler.json" <<'PY'
 import json, sys
 info = json.load(open(sys.argv[1]))
 print(f"scheduler {info['address']}  dashboard port {info.get('services', {}).get('dashboard')}")

@@ -34,7 +34,7 @@ if [[ ! -s "$scheduler_file" ]]; then
     exit 1
 fi
 export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
-name="$(hostname -s)-$$"
+name="$(hostname -s 2>/dev/null || uname -n)-$$"
 local_dir="$scratch/deqntk-worker-$name"
 mkdir -p "$local_dir" "$run_dir"
 cmd=(dask worker --scheduler-file "$scheduler_file" --nworkers "$nworkers" --nthreads 1
