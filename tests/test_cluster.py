@@ -226,6 +226,7 @@ def test_worker_killed_mid_run_and_replaced(data, cluster, tmp_path):
     total = open_kernel_store(store).plan.n_tiles
     assert 30 <= done_at_kill < total
     assert re.search(rf"computed {total} tiles \(0 of {total} were done before\)", out), out
+    assert re.search(r"deqntk: 3 workers / 3 threads; dashboard: http://127\.0\.0\.1:\d+", out)
     _check_store(store, ntk, nngp)
 
 
