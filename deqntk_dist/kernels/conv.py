@@ -214,8 +214,10 @@ def conv_kernel(
     Returns
     -------
     KernelResult
-        ``ntk``, ``nngp`` of shape (n, m); ``iterations`` = most sweeps any slice used
-        (Sigma* iterations + Theta* iterations); ``max_residual`` = largest relative residual.
+        ``ntk``, ``nngp`` of shape (n, m); ``iterations`` = the most sweeps any image pair
+        used on one offset slice (nonlinear map evaluations + CG iterations of the Newton
+        steps and of the Theta* solve); ``max_residual`` = largest relative fixed-point
+        residual (Sigma* and Theta*) over the tile.
 
     Raises
     ------
