@@ -17,6 +17,7 @@ __all__ = [
     "IncompleteStoreError",
     "DatasetError",
     "SolveError",
+    "NotPositiveDefiniteError",
 ]
 
 
@@ -67,3 +68,7 @@ class DatasetError(DeqntkError, ValueError):
 
 class SolveError(DeqntkError, ArithmeticError):
     """The regression stage failed (indefinite matrix, non-finite values, size mismatch)."""
+
+
+class NotPositiveDefiniteError(SolveError):
+    """A Cholesky factorisation (or CG curvature) found the matrix not positive definite."""

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import ThreadpoolController
 
-from .errors import InputError, SolveError
+from .errors import InputError, NotPositiveDefiniteError, SolveError
 
 __all__ = [
     "CholeskyFactor",
@@ -309,7 +309,7 @@ def block_cholesky(
         with _blas_single_thread():
             L, info = potrf(D, lower=1, clean=1, overwrite_a=1)
             if info > 0:
-                raise SolveError(
+                raise NotPositiveDefiniteError(
                     f"{what} + shift I is not positive definite in {dtype.name} (Cholesky "
                     f"failed at row {s + info - 1} of {n}, shift {shift:.6g}); the kernel is "
                     "indefinite or the ridge is too small for this precision"
@@ -483,7 +483,7 @@ def pcg(
             Q = sym_matmul(K, P, shift, block=block)
             pq = np.einsum("ij,ij->j", P, Q)
             if np.any(pq[active] <= 0):
-                raise SolveError(
+                raise NotPositiveDefiniteError(
                     f"{what} + shift I is not positive definite (CG found "
                     f"non-positive curvature {pq[active].min():.3g}, shift "
                     f"{shift:.6g})"

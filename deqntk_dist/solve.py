@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IncompleteStoreError, InputError, SolveError
+from .errors import IncompleteStoreError, InputError, NotPositiveDefiniteError, SolveError
 from .linalg import (
     IndexedBlocks,
     as_block_source,
@@ -231,7 +231,7 @@ class _Solver:
                         self.K, pshift, dtype=dtype, block=self.block, what=self.what
                     )
                     break
-                except SolveError:
+                except NotPositiveDefiniteError:
                     tries += 1
                     if dtype == np.float64 or tries >= _MAX_FACTOR_TRIES:
                         raise

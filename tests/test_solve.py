@@ -9,7 +9,12 @@ import zarr
 
 from deqntk_dist import DEQSpec, kernel_matrix, write_dataset_store
 from deqntk_dist.cli import main
-from deqntk_dist.errors import IncompleteStoreError, InputError, SolveError
+from deqntk_dist.errors import (
+    IncompleteStoreError,
+    InputError,
+    NotPositiveDefiniteError,
+    SolveError,
+)
 from deqntk_dist.linalg import (
     IndexedBlocks,
     block_cholesky,
@@ -233,15 +238,32 @@ def test_nan_block_and_size_mismatch_are_clear_errors(tmp_path, rng):
         kernel_ridge(K, np.zeros(9, int))
 
 
-@pytest.mark.parametrize("method", ["cholesky", "cg"])
-def test_indefinite_matrix_is_a_clear_error(rng, method):
-    n = 60
+@pytest.mark.parametrize("method,limit", [("cholesky", None), ("cholesky", 1e5), ("cg", None)])
+def test_indefinite_matrix_is_a_clear_error(rng, method, limit):
+    n = 120
     Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
     w = np.linspace(1.0, 2.0, n)
     w[10] = -5.0
     K = (Q * w) @ Q.T
-    with pytest.raises(SolveError, match="not positive definite"):
-        kernel_ridge(K, rng.integers(0, 2, n), ridges=[1e-3], method=method)
+    with pytest.raises(NotPositiveDefiniteError, match="not positive definite"):
+        kernel_ridge(
+            K, rng.integers(0, 2, n), ridges=[1e-3], method=method, memory_limit=limit, block=16
+        )
+
+
+def test_nan_fails_at_once_in_the_mixed_route(rng, monkeypatch):
+    import deqntk_dist.solve as solve_mod
+
+    calls = []
+    real = solve_mod.block_cholesky
+    monkeypatch.setattr(
+        solve_mod, "block_cholesky", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    K = np.eye(120, dtype=np.float32)
+    K[100, 7] = K[7, 100] = np.inf
+    with pytest.raises(SolveError, match=r"non-finite.*\(100, 7\)"):
+        kernel_ridge(K, rng.integers(0, 2, 120), ridges=[1e-3], memory_limit=1e5, block=16)
+    assert len(calls) == 1  # not retried with a larger preconditioner shift
 
 
 def test_bad_parameters(rng):
