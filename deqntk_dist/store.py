@@ -92,14 +92,16 @@ def _cast_mirror(src, up, lo):
                     lo[j, i] = up[i, j]
 
 
-def cast_and_mirror(block: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+def cast_and_mirror(block: np.ndarray, dtype, out=None) -> tuple[np.ndarray, np.ndarray]:
     """A tile cast to ``dtype`` and its transpose, both C-contiguous.
 
-    Rounds exactly like ``block.astype(dtype)`` (IEEE round to nearest even).
+    Rounds exactly like ``block.astype(dtype)`` (IEEE round to nearest even).  ``out`` may
+    pass reusable ``(up, lo)`` buffers of the right shapes and dtype (no page faults).
     """
     src = np.ascontiguousarray(block)
-    up = np.empty(src.shape, dtype=dtype)
-    lo = np.empty(src.shape[::-1], dtype=dtype)
+    if out is None:
+        out = (np.empty(src.shape, dtype=dtype), np.empty(src.shape[::-1], dtype=dtype))
+    up, lo = out
     _cast_mirror(src, up, lo)
     return up, lo
 
@@ -326,7 +328,7 @@ class KernelStore:
             if i == j:
                 cast = np.ascontiguousarray(block, dtype=self.dtype)
             else:
-                cast, mirror = cast_and_mirror(block, self.dtype)
+                cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
             self._put_chunk(name, i, j, cast)
             crc = zlib.crc32(memoryview(cast).cast("B"), crc)
             if i != j:
@@ -349,6 +351,16 @@ class KernelStore:
                 arr[j, i] = lower
             arr[i, j] = upper
         return {"checksum": int(crc), "mirror_checksum": int(crc_m)}
+
+    def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Reused (up, lo) cast buffers for tiles of ``shape`` (the last two shapes kept:
+        full tiles and the edge tiles of a row)."""
+        bufs = self.__dict__.setdefault("_scratch_bufs", {})
+        if shape not in bufs:
+            if len(bufs) >= 2:
+                bufs.pop(next(iter(bufs)))
+            bufs[shape] = (np.empty(shape, self.dtype), np.empty(shape[::-1], self.dtype))
+        return bufs[shape]
 
     def _raw_chunks(self, name: str) -> bool:
         """Whether chunk ``name`` files are the raw little-endian C-order values (local store,
