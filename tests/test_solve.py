@@ -129,6 +129,8 @@ def test_kernel_ridge_equals_dense_numpy(rng, method, limit):
     pred = K[n:, :n].astype(np.float64) @ alpha
     np.testing.assert_allclose(rep.predictions, pred, rtol=0, atol=1e-8 * np.abs(pred).max())
     assert rep.accuracy == np.mean(pred.argmax(1) == y[n:])
+    train_pred = K[:n, :n].astype(np.float64) @ alpha
+    assert rep.train_accuracy == np.mean(train_pred.argmax(1) == y[:n])
     assert rep.residual <= 1e-10 and rep.val_accuracy is None
 
 
