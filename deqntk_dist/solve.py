@@ -558,7 +558,7 @@ def complete_rows(store) -> tuple[np.ndarray, np.ndarray]:
     test = []
     for b in range(plan.n_blocks):
         r0, r1 = plan.bounds(b)
-        if r1 > nt and chosen and done[b, b] and all(done[b, c] for c in chosen):
+        if r1 > nt and chosen and all(done[b, c] for c in chosen):
             test.append(np.arange(max(r0, nt), r1))
     test = np.concatenate(test) if test else np.zeros(0, np.int64)
     return train.astype(np.int64), test.astype(np.int64)

@@ -222,6 +222,12 @@ def test_incomplete_store_refused_or_solved_on_complete_blocks(tmp_path, rng):
     res = zarr.open_group(f"{ks.path}/results/ntk", mode="r")
     np.testing.assert_array_equal(res["train_rows"][...], train)
     np.testing.assert_array_equal(res["test_rows"][...], test)
+    # only a test x test tile missing: every train and test row is still usable
+    sub = tmp_path / "tt"
+    sub.mkdir()
+    ks2 = _make_store(sub, x, y, 200, tile=64, tiles=[t for t in ks.plan.tiles() if t != (4, 4)])
+    rep2 = solve_store(ks2.path, ridges=[1e-3], allow_incomplete=True, write_results=False)
+    assert (rep2.n_train, rep2.n_test) == (200, 100)
 
 
 def test_nan_block_and_size_mismatch_are_clear_errors(tmp_path, rng):
