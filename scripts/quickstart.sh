@@ -5,6 +5,8 @@
 # Usage: bash scripts/quickstart.sh [extra `deqntk run` options, e.g. --n-train 60000]
 # Environment: WORKDIR (default /tmp/deqntk-quickstart), N_TRAIN (default 10000), N_TEST (default
 # 10000 = the whole test set). Rerunning reuses the finished stages in WORKDIR.
+# Measured (shared 2-core machine, load ~8): 4 min 22 s end to end, test accuracy 0.8766.
+# Full dataset (60,000 train): --n-train 60000 --what ntk --lambdas 0.01 -> 36 min, 0.9081.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
