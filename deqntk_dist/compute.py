@@ -25,7 +25,7 @@ import numpy as np
 from . import errors
 from .dataset import DatasetStore, open_dataset_store
 from .errors import DeqntkError, InputError, StoreError, StoreMismatchError
-from .plan import choose_tile
+from .plan import choose_tile, tile_cap
 from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
 from .spec import CDEQSpec, DEQSpec
 from .store import KERNEL_NAMES, KernelStore, create_kernel_store, open_kernel_store
@@ -495,7 +495,13 @@ def compute_kernel_store(
         if ks is None:
             limit = summary["memory_limit"]
             budget = memory_budget or min(MAX_TILE_BUDGET, limit // 2 if limit else 2**30)
-            ks = make_store(choose_tile(ds.n, int(budget)))
+            cap = tile_cap(
+                ds.n,
+                workers=max(1, summary["threads"]),
+                kernel=spec.kind,
+                readout=getattr(spec, "readout", "flatten"),
+            )
+            ks = make_store(choose_tile(ds.n, int(budget), max_side=cap))
         link = dashboard_link(cl)
         say(
             f"deqntk: {summary['workers']} workers / {summary['threads']} threads; dashboard: "

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import InputError
 
-__all__ = ["TilePlan", "choose_tile", "TILE_ALIGN", "BYTES_PER_TILE_ENTRY"]
+__all__ = ["TilePlan", "choose_tile", "tile_cap", "TILE_ALIGN", "BYTES_PER_TILE_ENTRY"]
 
 #: Tiles larger than this are rounded down to a multiple of it (the Gram GEMM block).
 TILE_ALIGN = 512
@@ -88,7 +88,45 @@ class TilePlan:
         return cls(n=int(data["n"]), tile=int(data["tile"]))
 
 
-def choose_tile(n: int, memory_budget: int, *, align: int = TILE_ALIGN) -> int:
+def tile_cap(n: int, *, workers: int, kernel: str = "deq", readout: str = "flatten") -> int:
+    """Largest tile side that keeps the job balanced and each tile short.
+
+    At least ``4 * workers`` upper-triangle tiles (so the last round of tiles does not leave
+    workers idle), and for the convolutional kernel a side whose tile takes minutes, not
+    hours, on one core (CDEQ flatten ~2.5e-4 s per pair: 1024 rows; gap ~0.3 s per pair:
+    96 rows), so a lost worker loses little.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows of the Gram.
+    workers : int
+        Worker threads that run tiles.
+    kernel, readout : str
+        ``"deq"`` or ``"cdeq"``; ``"flatten"`` or ``"gap"``.
+
+    Returns
+    -------
+    int
+    """
+    n = _check_int("n", n, 1)
+    workers = _check_int("workers", workers, 1)
+    cap = n
+    target = 1
+    while cap > 1:
+        blocks = -(-n // cap)
+        if blocks * (blocks + 1) // 2 >= 4 * workers:
+            break
+        target = max(target, blocks) + 1
+        cap = -(-n // target)
+    if kernel == "cdeq":
+        cap = min(cap, 96 if readout == "gap" else 1024)
+    return max(1, cap)
+
+
+def choose_tile(
+    n: int, memory_budget: int, *, align: int = TILE_ALIGN, max_side: int | None = None
+) -> int:
     """Largest tile side whose working set fits ``memory_budget`` bytes of one worker.
 
     The side is a multiple of ``align`` when that is possible (whole Gram GEMM blocks),
@@ -101,6 +139,8 @@ def choose_tile(n: int, memory_budget: int, *, align: int = TILE_ALIGN) -> int:
         Number of rows of the Gram.
     memory_budget : int
         Bytes one tile may use on a worker.
+    max_side : int, optional
+        Upper bound on the side (e.g. :func:`tile_cap`).
 
     Returns
     -------
@@ -109,6 +149,8 @@ def choose_tile(n: int, memory_budget: int, *, align: int = TILE_ALIGN) -> int:
     n = _check_int("n", n, 1)
     memory_budget = _check_int("memory_budget", memory_budget, 1)
     side = int(math.isqrt(memory_budget // BYTES_PER_TILE_ENTRY))
+    if max_side is not None:
+        side = max(1, min(side, _check_int("max_side", max_side, 1)))
     if side >= n:
         return n
     if side >= align:
