@@ -12,7 +12,7 @@ from .errors import (
     StoreError,
     StoreMismatchError,
 )
-from .kernels import KernelResult, kernel_matrix
+from .kernels import KernelResult, finite_depth_kernel, kernel_matrix, self_covariance
 from .solve import SolveReport, kernel_ridge, solve_store
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
 from .store import open_kernel_store
@@ -33,10 +33,12 @@ __all__ = [
     "SpecError",
     "StoreError",
     "StoreMismatchError",
+    "finite_depth_kernel",
     "kernel_matrix",
     "kernel_ridge",
     "open_dataset_store",
     "open_kernel_store",
+    "self_covariance",
     "solve_store",
     "spec_from_dict",
     "write_dataset_store",

@@ -215,3 +215,17 @@ def test_nonexistent_ntk_raises_fixed_point_error(rng):
 def test_bad_inputs(X, Y, needle):
     with pytest.raises(InputError, match=needle):
         kernel_matrix(SPECS["relu"], X, Y)
+
+
+def test_public_finite_depth_kernel_validates(rng):
+    import deqntk_dist
+
+    spec = SPECS["relu"]
+    X = rng.standard_normal((5, 3))
+    ref = finite_depth_kernel(spec, X, depth=7)
+    got = deqntk_dist.finite_depth_kernel(spec, X.tolist(), depth=7)
+    assert np.array_equal(got.ntk, ref.ntk)
+    with pytest.raises(InputError, match="depth"):
+        deqntk_dist.finite_depth_kernel(spec, X, depth=0)
+    with pytest.raises(InputError, match="finite"):
+        deqntk_dist.finite_depth_kernel(spec, np.full((2, 3), np.nan), depth=3)

@@ -8,7 +8,13 @@ from ..errors import InputError
 from ..spec import CDEQSpec, DEQSpec
 from .common import KernelResult, as_float_array
 
-__all__ = ["KernelResult", "kernel_matrix", "self_covariance", "validate_inputs"]
+__all__ = [
+    "KernelResult",
+    "finite_depth_kernel",
+    "kernel_matrix",
+    "self_covariance",
+    "validate_inputs",
+]
 
 
 def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -92,3 +98,22 @@ def self_covariance(spec: DEQSpec | CDEQSpec, X) -> np.ndarray:
     from .conv import conv_self_covariance
 
     return conv_self_covariance(spec, X)
+
+
+def finite_depth_kernel(spec: DEQSpec, X, Y=None, *, depth: int, **options) -> KernelResult:
+    """Kernels of the depth-``depth`` weight-tied FC network (the DEQ's finite-depth baseline).
+
+    Validated front end of :func:`deqntk_dist.kernels.fc.finite_depth_kernel`; pass
+    ``injection_all_layers=False`` for the network without input injection, whose kernel
+    degenerates as the depth grows.
+    """
+    if not isinstance(spec, DEQSpec):
+        raise InputError(
+            f"spec must be a DEQSpec for finite_depth_kernel, got {type(spec).__name__}"
+        )
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise InputError(f"depth must be an integer >= 1, got {depth!r}")
+    X, Y = validate_inputs(spec, X, Y)
+    from .fc import finite_depth_kernel as _finite_depth
+
+    return _finite_depth(spec, X, Y, depth=depth, **options)
