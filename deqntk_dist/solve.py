@@ -579,7 +579,6 @@ def solve_store(
     rank: int = 512,
     write_results: bool = True,
     report_path=None,
-    lambdas=None,
 ) -> SolveReport:
     """Kernel ridge regression on a kernel store; results written back into it.
 
@@ -594,8 +593,6 @@ def solve_store(
         Write ``results/<kernel>`` into the store (atomically).
     report_path : str or Path, optional
         Also write the JSON report there.
-    lambdas : sequence of float, optional
-        Alias of ``ridges`` (used when ``ridges`` is None).
     ridges, method, memory_limit, val_fraction, seed, tol, max_iter, rank
         As in :func:`kernel_ridge`.
 
@@ -611,8 +608,6 @@ def solve_store(
     """
     from .store import open_kernel_store
 
-    if ridges is None:
-        ridges = lambdas
     store = open_kernel_store(kernel_store_path)
     if kernel not in store.kernels:
         raise InputError(
