@@ -64,35 +64,8 @@ DEFAULT_HYPERPARAMETERS = {
 }
 
 
-# ------------------------------------------------------------------ compute / status / verify
-def _parse_what(text: str) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in names if s not in ("ntk", "nngp")]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"must be ntk, nngp or ntk,nngp; got {text!r}")
-    return names
-
-
-def _parse_bytes(text: str) -> int:
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(float(t))
-    except ValueError:
-        msg = f"must be a size like 2GiB or 512M, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-
-
-def _add_compute(sub) -> None:
-    p = sub.add_parser(
-        "compute",
-        help="compute a kernel store from a dataset store (resumes a partly done store)",
-    )
-    p.add_argument("dataset_store", help="dataset store (zarr group) to read rows from")
-    p.add_argument("kernel_store", help="kernel store to create or finish")
-    _add_spec_arguments(p)
+def _add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """Kernel-store and runtime options shared by ``compute`` and ``run``."""
     p.add_argument(
         "--what",
         type=_parse_what,
@@ -136,6 +109,50 @@ def _add_compute(sub) -> None:
         default=None,
         help="worker processes (local: default one per core) or batch jobs",
     )
+
+
+def _float_list(option: str, text: str | None) -> list[float] | None:
+    """Parse a comma list of numbers given to ``option`` (None stays None)."""
+    from .errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{option} must be a comma list of numbers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------ compute / status / verify
+def _parse_what(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in ("ntk", "nngp")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"must be ntk, nngp or ntk,nngp; got {text!r}")
+    return names
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(float(t))
+    except ValueError:
+        msg = f"must be a size like 2GiB or 512M, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _add_compute(sub) -> None:
+    p = sub.add_parser(
+        "compute",
+        help="compute a kernel store from a dataset store (resumes a partly done store)",
+    )
+    p.add_argument("dataset_store", help="dataset store (zarr group) to read rows from")
+    p.add_argument("kernel_store", help="kernel store to create or finish")
+    _add_spec_arguments(p)
+    _add_store_arguments(p)
     p.add_argument(
         "--task-threads",
         type=int,
@@ -285,17 +302,9 @@ def _add_solve(sub) -> None:
 def _cmd_solve(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import InputError
     from .solve import solve_store
 
-    ridges = None
-    if args.ridge is not None:
-        try:
-            ridges = [float(v) for v in args.ridge.split(",") if v.strip()]
-        except ValueError:
-            raise InputError(
-                f"--ridge must be a comma list of numbers, got {args.ridge!r}"
-            ) from None
+    ridges = _float_list("--ridge", args.ridge)
     rep = solve_store(
         args.kernel_store,
         kernel=args.kernel,
@@ -456,42 +465,7 @@ def _add_run(sub) -> None:
         default="auto",
         help="regression solver route (default auto: by memory)",
     )
-    p.add_argument(
-        "--what",
-        type=_parse_what,
-        default=None,
-        help="kernels to store: ntk, nngp or ntk,nngp (default ntk,nngp)",
-    )
-    p.add_argument("--tile", type=int, default=None, help="tile side (default: automatic)")
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "float64"),
-        default=None,
-        help="kernel store dtype (default float32)",
-    )
-    p.add_argument(
-        "--memory-budget",
-        type=_parse_bytes,
-        default=None,
-        help="bytes per tile on a worker, e.g. 1GiB",
-    )
-    p.add_argument(
-        "--scheduler",
-        default=None,
-        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
-    )
-    p.add_argument(
-        "--cluster",
-        choices=("local", "slurm", "pbs"),
-        default="local",
-        help="start a LocalCluster (default) or dask-jobqueue workers",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes (local: default one per core) or batch jobs",
-    )
+    _add_store_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_run)
@@ -500,18 +474,10 @@ def _add_run(sub) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import json
 
-    from .errors import InputError
     from .pipeline import format_report, run_pipeline
     from .runtime import RuntimeConfig
 
-    lambdas = None
-    if args.lambdas is not None:
-        try:
-            lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
-        except ValueError:
-            raise InputError(
-                f"--lambdas must be a comma list of numbers, got {args.lambdas!r}"
-            ) from None
+    lambdas = _float_list("--lambdas", args.lambdas)
     spec = spec_from_args(args)
     request = _request_from_args(args, "image" if args.kernel == "cdeq" else "flat")
     runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
