@@ -122,10 +122,16 @@ def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
 @contextlib.contextmanager
 def _thread_limit(threads: int | None):
     """Limit numba and the BLAS to ``threads`` in this task (None: leave as is)."""
+    import numba
+
+    # numba re-reads NUMBA_NUM_THREADS from the environment whenever it compiles (first use
+    # on a machine without a cache) and refuses a value other than the one its thread pool
+    # was launched with; a worker's environment may differ from it (the nanny sets it
+    # around the spawn), so pin the variable to the pool's size.
+    os.environ["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)
     if threads is None:
         yield
         return
-    import numba
     from threadpoolctl import threadpool_limits
 
     previous = numba.get_num_threads()
