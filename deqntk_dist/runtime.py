@@ -19,6 +19,7 @@ import psutil
 from .errors import InputError, StoreError
 
 __all__ = [
+    "MALLOC_ENV",
     "RuntimeConfig",
     "WORKER_ENV",
     "cluster_summary",
@@ -27,12 +28,25 @@ __all__ = [
     "jobqueue_cluster",
 ]
 
-#: Environment of LocalCluster worker processes: one compute thread per worker.
+#: glibc malloc settings for worker processes.  dask's nanny sets
+#: ``MALLOC_TRIM_THRESHOLD_=65536`` before it spawns a worker, which also fixes the mmap
+#: threshold at 128 KiB: every tile-sized temporary is then a fresh ``mmap`` whose pages
+#: fault in again on every tile (measured: 5.6x the page faults and +29% time per 2560^2
+#: tile).  These keep blocks up to 32 MiB in the heap for reuse and return free heap
+#: memory above 256 MiB to the system.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "268435456",
+}
+
+#: Environment of worker processes: one compute thread per worker, and :data:`MALLOC_ENV`
+#: (which must be in place before the process starts: see :func:`dask_client`).
 WORKER_ENV = {
     "NUMBA_NUM_THREADS": "1",
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
+    **MALLOC_ENV,
 }
 CLUSTER_KINDS = ("local", "slurm", "pbs")
 
@@ -98,6 +112,21 @@ def jobqueue_cluster(kind: str, **kwargs):
     return cls(**{"job_script_prologue": prologue, **kwargs})
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables of this process for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _worker_timeout() -> float:
     """Seconds to wait for the first worker (dask config ``deqntk.worker-timeout``)."""
     import dask
@@ -114,6 +143,7 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     StoreError
         The scheduler cannot be reached (a runtime problem, reported clearly).
     """
+    import dask
     from distributed import Client, LocalCluster
 
     config = config or RuntimeConfig()
@@ -138,8 +168,6 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
             client.close()
         return
     if config.cluster in ("slurm", "pbs"):
-        import dask
-
         cluster = jobqueue_cluster(config.cluster)
         adapt = dask.config.get("deqntk.adapt", None)
         if config.workers is None and adapt:
@@ -148,15 +176,23 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
             cluster.scale(jobs=config.workers or 1)
     else:
         n = config.workers or _default_workers()
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit=config.memory_limit if config.memory_limit is not None else "auto",
-            env=dict(WORKER_ENV),
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )
+        # the nanny applies ``pre-spawn-environ`` before the worker process starts (glibc
+        # reads its malloc settings then; ``env`` is applied only after the start), and the
+        # variables of this process override it: an earlier cluster leaves dask's own there
+        spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **MALLOC_ENV}
+        with (
+            dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}),
+            _environ(MALLOC_ENV),
+        ):
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                memory_limit=config.memory_limit if config.memory_limit is not None else "auto",
+                env=dict(WORKER_ENV),
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
     try:
         client = Client(cluster)
         try:

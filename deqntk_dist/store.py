@@ -20,12 +20,14 @@ attrs                   ``format`` "deqntk-kernel-store", ``format_version``, ``
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import time
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,88 @@ def _cast_mirror(src, up, lo):
             for j in range(j0, j1):
                 for i in range(i0, i1):
                     lo[j, i] = up[i, j]
+
+
+#: Direct-I/O alignment (bytes) of buffers, file offsets and lengths.
+DIRECT_ALIGN = 4096
+#: Chunks smaller than this are written through the page cache.
+DIRECT_MIN_BYTES = 1 << 20
+
+
+def aligned_empty(shape: tuple[int, ...], dtype, align: int = DIRECT_ALIGN) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def _direct_io_enabled() -> bool:
+    """dask config ``deqntk.direct-io`` (default true; ``DASK_DEQNTK__DIRECT_IO=false``)."""
+    import dask
+
+    return bool(dask.config.get("deqntk.direct-io", True))
+
+
+def write_file(path: Path, data: np.ndarray, *, direct: bool = True) -> bool:
+    """Write the bytes of C-contiguous ``data`` to a new file ``path``.
+
+    With ``direct`` the aligned head goes to the device with ``O_DIRECT`` (no page cache:
+    no copy and no page-cache growth, which on a VM costs more than the tile's own
+    compute), the unaligned tail through the page cache.  Falls back to a plain write where
+    the filesystem or the buffer does not allow direct I/O.
+
+    Returns
+    -------
+    bool
+        Whether direct I/O was used.
+    """
+    mv = memoryview(data).cast("B")
+    head = len(mv) - len(mv) % DIRECT_ALIGN
+    use = (
+        direct
+        and hasattr(os, "O_DIRECT")
+        and len(mv) >= DIRECT_MIN_BYTES
+        and data.ctypes.data % DIRECT_ALIGN == 0
+    )
+    fd = -1
+    if use:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError:  # e.g. tmpfs: EINVAL
+            use = False
+    if fd < 0:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        if use:
+            try:
+                done = _write_all(fd, mv[:head], 0)
+            except OSError:  # the filesystem refused the direct write: start over
+                use = False
+                done = 0
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        _write_all(fd, mv[done:], done)
+    finally:
+        os.close(fd)
+    return use
+
+
+def _write_all(fd: int, mv: memoryview, offset: int) -> int:
+    """``pwrite`` all of ``mv`` at ``offset``; returns ``offset + len(mv)``."""
+    pos = 0
+    while pos < len(mv):
+        pos += os.pwrite(fd, mv[pos:], offset + pos)
+    return offset + pos
+
+
+@functools.lru_cache(maxsize=1)
+def _io_pool() -> ThreadPoolExecutor:
+    """Two threads that write a tile's chunk and its mirror at the same time."""
+    return ThreadPoolExecutor(2, thread_name_prefix="deqntk-io")
 
 
 def cast_and_mirror(block: np.ndarray, dtype, out=None) -> tuple[np.ndarray, np.ndarray]:
@@ -326,14 +410,28 @@ class KernelStore:
                     f"got {block.shape}"
                 )
             if i == j:
-                cast = np.ascontiguousarray(block, dtype=self.dtype)
+                cast = self._scratch(block.shape)[0]
+                np.copyto(cast, block, casting="same_kind")
+                self._put_chunk(name, i, j, cast)
+                crc = zlib.crc32(memoryview(cast).cast("B"), crc)
+                continue
+            cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
+            if self._raw_chunks(name):
+                # both files are written on I/O threads while this thread checksums them
+                # (pwrite and crc32 release the GIL)
+                pool = _io_pool()
+                writes = [
+                    pool.submit(self._put_chunk, name, i, j, cast, slot=0),
+                    pool.submit(self._put_chunk, name, j, i, mirror, slot=1),
+                ]
             else:
-                cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
-            self._put_chunk(name, i, j, cast)
-            crc = zlib.crc32(memoryview(cast).cast("B"), crc)
-            if i != j:
+                self._put_chunk(name, i, j, cast)
                 self._put_chunk(name, j, i, mirror)
-                crc_m = zlib.crc32(memoryview(mirror).cast("B"), crc_m)
+                writes = []
+            crc = zlib.crc32(memoryview(cast).cast("B"), crc)
+            crc_m = zlib.crc32(memoryview(mirror).cast("B"), crc_m)
+            for w in writes:
+                w.result()
         if i == j:
             crc_m = crc
         entries = {
@@ -359,7 +457,10 @@ class KernelStore:
         if shape not in bufs:
             if len(bufs) >= 2:
                 bufs.pop(next(iter(bufs)))
-            bufs[shape] = (np.empty(shape, self.dtype), np.empty(shape[::-1], self.dtype))
+            bufs[shape] = (
+                aligned_empty(shape, self.dtype),
+                aligned_empty(shape[::-1], self.dtype),
+            )
         return bufs[shape]
 
     def _raw_chunks(self, name: str) -> bool:
@@ -381,7 +482,7 @@ class KernelStore:
             )
         return self.__dict__[key]
 
-    def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray) -> None:
+    def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, *, slot: int = 0) -> None:
         """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.
 
         Uncompressed local chunks are written directly (temp file + atomic rename, exactly
@@ -395,15 +496,22 @@ class KernelStore:
             return
         t = self.tile
         if data.shape != (t, t):
-            full = np.full((t, t), np.nan, dtype=self.dtype)
+            pads = self.__dict__.setdefault("_pad_bufs", {})
+            full = pads.get(slot)
+            if full is None:  # one per concurrent writer (``slot``)
+                full = pads[slot] = aligned_empty((t, t), self.dtype)
+            full.fill(np.nan)
             full[: r1 - r0, : c1 - c0] = data
             data = full
         path = Path(self.path) / name / "c" / str(bi) / str(bj)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+        if "_direct" not in self.__dict__:
+            self.__dict__["_direct"] = _direct_io_enabled()
         try:
-            with open(tmp, "wb") as f:
-                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            used = write_file(tmp, np.ascontiguousarray(data), direct=self.__dict__["_direct"])
+            if self.__dict__["_direct"] and not used and data.nbytes >= DIRECT_MIN_BYTES:
+                self.__dict__["_direct"] = False  # not on this filesystem: stop trying
             os.replace(tmp, path)
         finally:
             if tmp.exists():

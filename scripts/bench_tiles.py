@@ -44,10 +44,13 @@ def synthetic_fashion(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return x, rng.integers(0, 10, n)
 
 
-def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int, cpu=None) -> float:
-    """Median seconds of ``kernel_matrix`` on one off-diagonal tile x tile block.
+def bare_tile(
+    spec, X: np.ndarray, tile: int, threads: int | None, reps: int, cpu=None
+) -> list[float]:
+    """Seconds of ``kernel_matrix`` on one off-diagonal tile x tile block, per repetition.
 
-    ``cpu``, a list, receives the median process CPU seconds.
+    One untimed full-size call first (compilation, and first touch of the memory).
+    ``cpu``, a list, receives the process CPU seconds of each repetition.
     """
     import numba
     from threadpoolctl import threadpool_limits
@@ -56,23 +59,22 @@ def bare_tile(spec, X: np.ndarray, tile: int, threads: int | None, reps: int, cp
 
     A = X[:tile].astype(np.float64)
     B = X[tile : 2 * tile].astype(np.float64) if len(X) >= 2 * tile else X[-tile:][::-1].copy()
-    times, cpus = [], []
+    times = []
     prev = numba.get_num_threads()
     try:
         if threads is not None:
             numba.set_num_threads(threads)
         with threadpool_limits(limits=threads, user_api="blas") if threads else _null():
-            kernel_matrix(spec, A[:64], B[:64])  # compile / warm up
+            kernel_matrix(spec, A, B)
             for _ in range(reps):
                 t0, c0 = time.perf_counter(), time.process_time()
                 kernel_matrix(spec, A, B)
                 times.append(time.perf_counter() - t0)
-                cpus.append(time.process_time() - c0)
+                if cpu is not None:
+                    cpu.append(time.process_time() - c0)
     finally:
         numba.set_num_threads(prev)
-    if cpu is not None:
-        cpu.append(statistics.median(cpus))
-    return statistics.median(times)
+    return times
 
 
 def _bare_on_worker(spec, dataset: str, tile: int, reps: int) -> list[float]:
@@ -140,7 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--tile", type=int, default=None, help="tile side (default: memory budget)")
     p.add_argument("--workers", type=int, default=None, help="workers (default: cores)")
-    p.add_argument("--bare-reps", type=int, default=3, help="bare-kernel repetitions (median)")
+    p.add_argument(
+        "--bare-reps", type=int, default=5, help="bare-kernel repetitions before and after"
+    )
     p.add_argument("--dir", default=None, help="where to write the stores (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the stores")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -180,16 +184,18 @@ def main(argv=None) -> int:
         tile = args.tile or choose_tile(args.n, min(2 * 2**30, mem_limit // 2))
         out["tile"] = tile
         bt = min(tile, args.n)
-        t_full = bare_tile(spec, x, bt, None, args.bare_reps)
+        t_before = bare_tile(spec, x, bt, None, args.bare_reps)
+        t_full = statistics.median(t_before)
         cpu_one: list = []
-        t_one = bare_tile(spec, x, bt, 1, args.bare_reps, cpu=cpu_one)
-        out["bare_1thread_cpu_seconds_per_entry"] = cpu_one[0] / (bt * bt)
+        t_one = statistics.median(bare_tile(spec, x, bt, 1, args.bare_reps, cpu=cpu_one))
+        out["bare_1thread_cpu_seconds_per_entry"] = statistics.median(cpu_one) / (bt * bt)
         out["bare_tile"] = bt
         out["bare_threads"] = numba.get_num_threads()
-        out["bare_entries_per_s"] = bt * bt / t_full
+        out["bare_entries_per_s_before"] = bt * bt / t_full
         out["bare_1thread_entries_per_s"] = bt * bt / t_one
         print(
-            f"bare kernel, {bt} x {bt} tile: {out['bare_entries_per_s']:.4g} entries/s with "
+            f"bare kernel, {bt} x {bt} tile: {out['bare_entries_per_s_before']:.4g} entries/s "
+            f"with "
             f"{out['bare_threads']} threads, {out['bare_1thread_entries_per_s']:.4g} with 1",
             file=sys.stderr,
         )
@@ -241,10 +247,6 @@ def main(argv=None) -> int:
             worker_write_cpu_seconds=rep.write_cpu_seconds,
             max_residual=rep.max_residual,
         )
-        out["ratio_vs_bare"] = out["distinct_entries_per_s"] / out["bare_entries_per_s"]
-        out["ratio_vs_bare_tile_phase"] = (
-            out["distinct_entries_per_s_tile_phase"] / out["bare_entries_per_s"]
-        )
         # load-independent: CPU seconds per distinct entry, bare kernel / all worker phases
         worker_cpu = rep.compute_cpu_seconds + rep.write_cpu_seconds
         out["cpu_efficiency"] = out["bare_1thread_cpu_seconds_per_entry"] * distinct / worker_cpu
@@ -253,12 +255,15 @@ def main(argv=None) -> int:
             workers * out["bare_1thread_entries_per_s"]
         )
         out["load_after"] = os.getloadavg()
-        # the machine is shared: measure the bare kernel again after the run and compare
-        # with the mean rate of the two measurements as well
+        # the machine is shared: the bare kernel is timed before and after the run, and the
+        # reference is the median of all those repetitions
         t_after = bare_tile(spec, x, bt, None, args.bare_reps)
-        out["bare_entries_per_s_after"] = bt * bt / t_after
-        mean_bare = (out["bare_entries_per_s"] + out["bare_entries_per_s_after"]) / 2
-        out["ratio_vs_bare_mean_before_after"] = out["distinct_entries_per_s"] / mean_bare
+        out["bare_entries_per_s_after"] = bt * bt / statistics.median(t_after)
+        out["bare_entries_per_s"] = bt * bt / statistics.median(t_before + t_after)
+        out["ratio_vs_bare"] = out["distinct_entries_per_s"] / out["bare_entries_per_s"]
+        out["ratio_vs_bare_tile_phase"] = (
+            out["distinct_entries_per_s_tile_phase"] / out["bare_entries_per_s"]
+        )
         out["ratio_vs_bare_on_workers"] = out["distinct_entries_per_s_tile_phase"] / (
             sum(out["workers_bare_entries_per_s"]) / 2
         )
@@ -275,11 +280,11 @@ def main(argv=None) -> int:
         f"{out['store_entries_per_s']:.4g} store entries/s, "
         f"{out['bytes_written'] / 1e9:.3g} GB written, peak RSS per worker "
         f"{max(out['peak_rss_per_worker']) / 2**30:.2f} GiB\n"
-        f"ratio to bare kernel ({out['bare_threads']} threads): {out['ratio_vs_bare']:.3f} "
-        f"end to end, {out['ratio_vs_bare_tile_phase']:.3f} tile phase; ratio to "
-        f"{workers} x single-thread bare kernel: {out['ratio_vs_bare_1thread_x_workers']:.3f}; "
-        f"to the mean of the bare kernel before/after: "
-        f"{out['ratio_vs_bare_mean_before_after']:.3f}\n"
+        f"bare kernel ({out['bare_threads']} threads, median of {2 * args.bare_reps} runs "
+        f"before and after): {out['bare_entries_per_s']:.4g} entries/s\n"
+        f"ratio to the bare kernel: {out['ratio_vs_bare']:.3f} end to end, "
+        f"{out['ratio_vs_bare_tile_phase']:.3f} tile phase; ratio to {workers} x "
+        f"single-thread bare kernel: {out['ratio_vs_bare_1thread_x_workers']:.3f}\n"
         f"ratio of the tile phase to the bare kernel run on the same {workers} workers at "
         f"once (mean of before/after): {out['ratio_vs_bare_on_workers']:.3f}\n"
         f"CPU efficiency (bare single-thread CPU s/entry over workers' CPU s/entry): "
