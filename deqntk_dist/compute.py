@@ -28,7 +28,13 @@ from .errors import DeqntkError, InputError, StoreError, StoreMismatchError
 from .plan import choose_tile, tile_cap
 from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
 from .spec import CDEQSpec, DEQSpec
-from .store import KERNEL_NAMES, KernelStore, create_kernel_store, open_kernel_store
+from .store import (
+    KERNEL_NAMES,
+    KernelStore,
+    aligned_empty,
+    create_kernel_store,
+    open_kernel_store,
+)
 
 __all__ = [
     "AuxJob",
@@ -119,6 +125,27 @@ def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
     return X
 
 
+_BUFFERS: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+_BUFFERS_KEEP = 2
+
+
+def _tile_buffers(ks: KernelStore, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Reused, page-aligned output arrays (store dtype) for a tile of ``shape``.
+
+    The tile kernel writes the store's values straight into them, and the store writes
+    them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory (the
+    last two shapes are kept: full tiles and the edge tiles of a row).
+    """
+    key = (shape, ks.dtype.str, ks.kernels)
+    if key in _BUFFERS:
+        _BUFFERS.move_to_end(key)
+        return _BUFFERS[key]
+    while len(_BUFFERS) >= _BUFFERS_KEEP:
+        _BUFFERS.popitem(last=False)
+    _BUFFERS[key] = {name: aligned_empty(shape, ks.dtype) for name in ks.kernels}
+    return _BUFFERS[key]
+
+
 @contextlib.contextmanager
 def _thread_limit(threads: int | None):
     """Limit numba and the BLAS to ``threads`` in this task (None: leave as is)."""
@@ -162,7 +189,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     -------
     dict
         ``ok``, ``tile``, ``entries``, ``max_residual``, ``iterations``, ``seconds``
-        (compute), ``write_seconds``, ``bytes`` (written), ``checksum``, ``peak_rss``, ``pid``.
+        (reading the rows + compute), ``read_seconds``, ``write_seconds``, ``bytes``
+        (written), ``checksum``, ``peak_rss``, ``pid``.
     """
     from .kernels import kernel_matrix
 
@@ -176,9 +204,11 @@ def run_tile(job: TileJob) -> dict[str, Any]:
         kw["self_x"] = ks.self_covariance_rows(*job.rows)
         if Y is not None:
             kw["self_y"] = ks.self_covariance_rows(*job.cols)
+    t_read = time.perf_counter() - t0
+    shape = (job.rows[1] - job.rows[0], job.cols[1] - job.cols[0])
     try:
         with _thread_limit(job.threads):
-            res = kernel_matrix(ks.spec, X, Y, **kw)
+            res = kernel_matrix(ks.spec, X, Y, out=_tile_buffers(ks, shape), **kw)
     except DeqntkError as exc:
         return _failure(what, exc)
     t1, c1 = time.perf_counter(), time.process_time()
@@ -200,6 +230,7 @@ def run_tile(job: TileJob) -> dict[str, Any]:
         "max_residual": float(res.max_residual),
         "iterations": int(res.iterations),
         "seconds": t1 - t0,
+        "read_seconds": t_read,
         "write_seconds": time.perf_counter() - t1,
         "cpu_seconds": c1 - c0,
         "write_cpu_seconds": time.process_time() - c1,
@@ -245,6 +276,8 @@ class ComputeReport:
         Worker pid -> peak resident memory (bytes) reported by its tiles.
     compute_seconds, write_seconds : float
         Summed over tiles: reading rows + kernel maths, and cast + checksum + write + ledger.
+    read_seconds : float
+        The part of ``compute_seconds`` spent reading rows from the dataset store.
     compute_cpu_seconds, write_cpu_seconds : float
         The same phases in worker CPU time (robust to a shared, oversubscribed machine).
     tile : int
@@ -262,6 +295,7 @@ class ComputeReport:
     max_residual: float
     peak_rss: dict
     compute_seconds: float
+    read_seconds: float
     write_seconds: float
     compute_cpu_seconds: float
     write_cpu_seconds: float
@@ -574,13 +608,14 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         plan.n_tiles, done_before, entries_total, entries_before, enabled=progress and bool(jobs)
     )
     acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}}
-    acc.update(compute=0.0, write=0.0, compute_cpu=0.0, write_cpu=0.0)
+    acc.update(compute=0.0, read=0.0, write=0.0, compute_cpu=0.0, write_cpu=0.0)
 
     def on_result(r: dict) -> None:
         acc["entries"] += r["entries"]
         acc["bytes"] += r["bytes"]
         acc["res"] = max(acc["res"], r["max_residual"])
         acc["compute"] += r["seconds"]
+        acc["read"] += r["read_seconds"]
         acc["write"] += r["write_seconds"]
         acc["compute_cpu"] += r["cpu_seconds"]
         acc["write_cpu"] += r["write_cpu_seconds"]
@@ -615,6 +650,7 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         max_residual=acc["res"],
         peak_rss=dict(acc["peak"]),
         compute_seconds=acc["compute"],
+        read_seconds=acc["read"],
         write_seconds=acc["write"],
         compute_cpu_seconds=acc["compute_cpu"],
         write_cpu_seconds=acc["write_cpu"],

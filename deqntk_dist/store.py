@@ -176,6 +176,20 @@ def _io_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="deqntk-io")
 
 
+@nb.njit(cache=True, nogil=True)
+def _transpose_into(src, lo):
+    """``lo = src.T`` in 32 x 32 blocks."""
+    n, m = src.shape
+    B = 32
+    for i0 in range(0, n, B):
+        i1 = min(i0 + B, n)
+        for j0 in range(0, m, B):
+            j1 = min(j0 + B, m)
+            for j in range(j0, j1):
+                for i in range(i0, i1):
+                    lo[j, i] = src[i, j]
+
+
 def cast_and_mirror(block: np.ndarray, dtype, out=None) -> tuple[np.ndarray, np.ndarray]:
     """A tile cast to ``dtype`` and its transpose, both C-contiguous.
 
@@ -383,8 +397,10 @@ class KernelStore:
         i, j : int
             Tile indices with ``i <= j``.
         values : dict
-            Kernel name -> float64 ndarray of shape (rows of block i, rows of block j);
-            every kernel of the store must be present.
+            Kernel name -> float32 or float64 ndarray of shape (rows of block i, rows of
+            block j); every kernel of the store must be present.  Values are rounded to the
+            store dtype like ``astype``; an aligned C-contiguous block already in the store
+            dtype is written without a copy.
         max_residual, iterations, seconds : float, int, float
             Convergence report and compute time, recorded in the ledger.
 
@@ -409,13 +425,24 @@ class KernelStore:
                     f"tile ({i}, {j}) {name} must have shape {(r1 - r0, c1 - c0)}, "
                     f"got {block.shape}"
                 )
+            # a block already in the store dtype and aligned is written as it is
+            ready = (
+                block.dtype == self.dtype
+                and block.flags.c_contiguous
+                and block.ctypes.data % DIRECT_ALIGN == 0
+            )
             if i == j:
-                cast = self._scratch(block.shape)[0]
-                np.copyto(cast, block, casting="same_kind")
+                cast = block if ready else self._scratch(block.shape)[0]
+                if not ready:
+                    np.copyto(cast, block, casting="same_kind")
                 self._put_chunk(name, i, j, cast)
                 crc = zlib.crc32(memoryview(cast).cast("B"), crc)
                 continue
-            cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
+            if ready:
+                cast, mirror = block, self._scratch(block.shape)[1]
+                _transpose_into(block, mirror)
+            else:
+                cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
             if self._raw_chunks(name):
                 # both files are written on I/O threads while this thread checksums them
                 # (pwrite and crc32 release the GIL)

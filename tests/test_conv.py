@@ -303,3 +303,13 @@ def test_bad_inputs(X, Y, kw, needle):
 def test_even_filter_size_is_refused():
     with pytest.raises(SpecError, match="odd"):
         CDEQSpec(**RELU, filter_size=4)
+
+
+def test_out_arrays_hold_the_rounded_values(rng):
+    spec = CDEQSpec(**RELU)
+    X = rng.standard_normal((5, 6, 6, 2))
+    ref = kernel_matrix(spec, X)
+    out = {"nngp": np.empty((5, 5), dtype=np.float32)}
+    res = kernel_matrix(spec, X, out=out)
+    assert res.ntk is None and res.nngp is out["nngp"]
+    np.testing.assert_array_equal(res.nngp, ref.nngp.astype(np.float32))

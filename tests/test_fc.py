@@ -229,3 +229,47 @@ def test_public_finite_depth_kernel_validates(rng):
         deqntk_dist.finite_depth_kernel(spec, X, depth=0)
     with pytest.raises(InputError, match="finite"):
         deqntk_dist.finite_depth_kernel(spec, np.full((2, 3), np.nan), depth=3)
+
+
+@pytest.mark.parametrize("name", ["relu", "erf"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_out_arrays_hold_the_rounded_values(rng, name, symmetric):
+    """``out`` (any subset, float32 or float64, several row groups) holds exactly the
+    plain call's values rounded like astype, and only the requested kernels."""
+    spec = SPECS[name]
+    n = 1100 if name == "relu" else 60
+    X = rng.standard_normal((n, 9))
+    Y = None if symmetric else rng.standard_normal((n - 37, 9))
+    ref = kernel_matrix(spec, X, Y)
+    shape = ref.ntk.shape
+    for kernels in (("ntk",), ("nngp",), ("ntk", "nngp")):
+        for dtype in (np.float32, np.float64):
+            out = {k: np.full(shape, np.nan, dtype=dtype) for k in kernels}
+            res = kernel_matrix(spec, X, Y, out=out)
+            assert res.max_residual == ref.max_residual
+            for k in ("ntk", "nngp"):
+                got = getattr(res, k)
+                if k not in kernels:
+                    assert got is None
+                    continue
+                assert got is out[k]
+                want = getattr(ref, k).astype(dtype)
+                bits = np.uint32 if dtype == np.float32 else np.uint64
+                np.testing.assert_array_equal(got.view(bits), want.view(bits))
+
+
+def test_out_is_validated(rng):
+    X = rng.standard_normal((5, 3))
+    ok = np.empty((5, 4))
+    Y = rng.standard_normal((4, 3))
+    for out, needle in [
+        ({}, "non-empty dict"),
+        ([ok], "non-empty dict"),
+        ({"theta": ok}, "out keys"),
+        ({"ntk": np.empty((4, 5))}, r"shape \(5, 4\)"),
+        ({"ntk": np.empty((5, 4), dtype=np.int64)}, "float32 or float64"),
+        ({"ntk": np.empty((4, 5)).T}, "C-contiguous"),
+        ({"nngp": [[0.0] * 4] * 5}, "ndarray"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            kernel_matrix(SPECS["relu"], X, Y, out=out)

@@ -203,3 +203,78 @@ def test_direct_chunk_files_are_the_bytes_zarr_writes(tmp_path, ds, monkeypatch)
                     tmp_path / "ref" / rel
                 ).read_bytes()
     assert not list((tmp_path / "fast").rglob("*.partial"))
+
+
+def _direct_io_supported(directory) -> bool:
+    probe = os.path.join(directory, ".probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.mark.parametrize("side", [512, 520])  # 1 MiB exactly; an unaligned 256-byte tail
+def test_write_file_direct_and_fallbacks(tmp_path, rng, side):
+    from deqntk_dist.store import aligned_empty, write_file
+
+    data = aligned_empty((side, side), np.float32)
+    data[:] = rng.random((side, side))
+    assert data.ctypes.data % 4096 == 0
+    dirs = [tmp_path] + ([p] if (p := "/dev/shm") and os.path.isdir(p) else [])
+    for d in dirs:
+        sub = os.path.join(d, f"deqntk-test-{os.getpid()}-{side}")
+        os.makedirs(sub, exist_ok=True)
+        try:
+            path = os.path.join(sub, "chunk")
+            used = write_file(path, data)
+            assert used == _direct_io_supported(sub)
+            with open(path, "rb") as f:
+                assert f.read() == data.tobytes()
+            # an unaligned buffer and direct=False go through the page cache, same bytes
+            odd = np.empty(data.size + 1, np.float32)[1:].reshape(data.shape)
+            odd[:] = data
+            for arr, kw in ((odd, {}), (data, {"direct": False})):
+                assert write_file(path, arr, **kw) is False
+                with open(path, "rb") as f:
+                    assert f.read() == data.tobytes()
+        finally:
+            for name in os.listdir(sub):
+                os.unlink(os.path.join(sub, name))
+            os.rmdir(sub)
+
+
+def test_direct_io_chunks_with_padding_equal_zarr(tmp_path, rng, monkeypatch):
+    """Chunks over 1 MiB (written with O_DIRECT where the filesystem allows), an edge
+    chunk padded with NaN: the same files as zarr's writer, and verify passes."""
+    from deqntk_dist.store import KernelStore
+
+    n, tile = 1100, 520
+    x = rng.normal(size=(n, 5))
+    dsb = write_dataset_store(tmp_path / "dsb", x, rng.integers(0, 3, n), n_train=900, name="b")
+    X = dsb.rows(0, n)
+
+    def fill(store):
+        for i, j in store.plan.tiles():
+            r0, r1 = store.plan.bounds(i)
+            c0, c1 = store.plan.bounds(j)
+            res = kernel_matrix(SPEC, X[r0:r1], None if i == j else X[c0:c1])
+            store.write_tile(i, j, {"ntk": res.ntk}, max_residual=0.0, iterations=1, seconds=0.0)
+
+    fast = create_kernel_store(tmp_path / "fast", dsb, SPEC, tile=tile, kernels=("ntk",))
+    fill(fast)
+    assert verify_kernel_store(fast.path) == []
+    monkeypatch.setattr(KernelStore, "_raw_chunks", lambda self, name: False)
+    ref = create_kernel_store(tmp_path / "ref", dsb, SPEC, tile=tile, kernels=("ntk",))
+    fill(ref)
+    chunks = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref/ntk/c").rglob("*"))
+    files = [c for c in chunks if (tmp_path / "ref" / c).is_file()]
+    assert len(files) == 9
+    for rel in files:
+        assert (tmp_path / "fast" / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes()
+    full = kernel_matrix(SPEC, X).ntk.astype(np.float32)
+    np.testing.assert_array_equal(
+        open_kernel_store(fast.path).block("ntk", slice(0, n), slice(0, n)), full
+    )

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..spec import CDEQSpec, DEQSpec
-from .common import KernelResult, as_float_array
+from .common import KernelResult, as_float_array, copy_into, validate_out
 
 __all__ = [
     "KernelResult",
@@ -48,7 +48,7 @@ def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np
     return X, Y
 
 
-def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, **options) -> KernelResult:
+def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, *, out=None, **options) -> KernelResult:
     """NTK and NNGP Gram block of a DEQ (or convolutional DEQ) between X and Y.
 
     Parameters
@@ -57,6 +57,12 @@ def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, **options) -> KernelResul
     X : array_like, shape (n, d) for DEQSpec or (n, H, W, C) for CDEQSpec
     Y : array_like, optional
         Same feature shape as X; ``None`` means ``Y = X`` (exactly symmetric result).
+    out : dict, optional
+        ``{"ntk": array, "nngp": array}`` (either or both): preallocated C-contiguous
+        float32 or float64 arrays of shape (len(X), len(Y or X)) to write into.  Only those
+        kernels are computed (the other is ``None`` in the result); float32 values are
+        rounded exactly as ``astype(np.float32)`` of the float64 result.  Reusing arrays
+        across calls avoids fresh memory per tile.
     **options
         Passed to the tile function (e.g. ``n_nodes`` for quadrature activations).
 
@@ -71,13 +77,14 @@ def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, **options) -> KernelResul
     InputError, SpecError, FixedPointError
     """
     X, Y = validate_inputs(spec, X, Y)
+    out = validate_out(out, (X.shape[0], (X if Y is None else Y).shape[0]))
     if isinstance(spec, DEQSpec):
         from .fc import fc_kernel
 
-        return fc_kernel(spec, X, Y, **options)
+        return fc_kernel(spec, X, Y, out=out, **options)
     from .conv import conv_kernel
 
-    return conv_kernel(spec, X, Y, **options)
+    return copy_into(conv_kernel(spec, X, Y, **options), out)
 
 
 def self_covariance(spec: DEQSpec | CDEQSpec, X) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -12,7 +13,18 @@ from threadpoolctl import ThreadpoolController
 
 from ..errors import FixedPointError, InputError
 
-__all__ = ["KernelResult", "as_float_array", "gram", "raise_failures"]
+__all__ = [
+    "KERNEL_OUTPUTS",
+    "KernelResult",
+    "as_float_array",
+    "copy_into",
+    "gram",
+    "raise_failures",
+    "validate_out",
+]
+
+#: The kernels a tile function computes, in the order of :class:`KernelResult`.
+KERNEL_OUTPUTS = ("ntk", "nngp")
 
 #: Row block of the Gram product.  Every block product is a GEMM of the same shape, so the
 #: bits of an entry depend only on its two rows, never on where it sits in a tile: this is
@@ -27,15 +39,16 @@ class KernelResult:
     Attributes
     ----------
     ntk, nngp : ndarray, shape (n_rows, n_cols), float64
-        DEQ neural tangent kernel Theta* and NNGP kernel Sigma*.
+        DEQ neural tangent kernel Theta* and NNGP kernel Sigma*.  With ``out`` they are
+        the caller's arrays (float32 or float64), and ``None`` for a kernel not in ``out``.
     max_residual : float
         Largest fixed-point residual over the tile, relative to the kernel scale.
     iterations : int
         Largest number of solver iterations used by any entry (or by the tile solver).
     """
 
-    ntk: np.ndarray
-    nngp: np.ndarray
+    ntk: np.ndarray | None
+    nngp: np.ndarray | None
     max_residual: float
     iterations: int
 
@@ -67,6 +80,48 @@ def as_float_array(name: str, value, ndim: int, *, what: str) -> np.ndarray:
     return arr
 
 
+def validate_out(out, shape: tuple[int, int]) -> dict[str, np.ndarray] | None:
+    """Check ``out`` (kernel name -> preallocated array) for a tile of ``shape``.
+
+    Raises
+    ------
+    InputError
+        Not a non-empty mapping of ``ntk`` / ``nngp`` to writeable C-contiguous float32 or
+        float64 arrays of ``shape``.
+    """
+    if out is None:
+        return None
+    if not isinstance(out, Mapping) or not out:
+        raise InputError(
+            f"out must be a non-empty dict of {' / '.join(KERNEL_OUTPUTS)} -> array, got {out!r}"
+        )
+    for name, a in out.items():
+        if name not in KERNEL_OUTPUTS:
+            raise InputError(f"out keys must be among {KERNEL_OUTPUTS}, got {name!r}")
+        if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+            raise InputError(f"out[{name!r}] must be a float32 or float64 ndarray, got {got}")
+        if a.shape != shape:
+            raise InputError(f"out[{name!r}] must have shape {shape}, got {a.shape}")
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise InputError(f"out[{name!r}] must be a writeable C-contiguous array")
+    return dict(out)
+
+
+def copy_into(res: KernelResult, out: dict[str, np.ndarray] | None) -> KernelResult:
+    """``res`` with its kernels copied into ``out`` (rounded like ``astype``)."""
+    if out is None:
+        return res
+    for name, a in out.items():
+        np.copyto(a, getattr(res, name), casting="same_kind")
+    return KernelResult(
+        ntk=out.get("ntk"),
+        nngp=out.get("nngp"),
+        max_residual=res.max_residual,
+        iterations=res.iterations,
+    )
+
+
 def _gram_stripe(G: np.ndarray, X: np.ndarray, Y: np.ndarray, r0: int, r1: int, upper: bool):
     """Fill rows ``[r0, r1)`` of ``G = X @ Y.T`` (block-aligned ``r0``)."""
     d = X.shape[1]
@@ -87,7 +142,9 @@ def _gram_stripe(G: np.ndarray, X: np.ndarray, Y: np.ndarray, r0: int, r1: int, 
             G[i0:i1, j0:j1] = gb[: i1 - i0, : j1 - j0]
 
 
-def gram(X: np.ndarray, Y: np.ndarray, *, upper: bool = False) -> np.ndarray:
+def gram(
+    X: np.ndarray, Y: np.ndarray, *, upper: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """``X @ Y.T`` in float64 with position-independent bits.
 
     Every block is one GEMM of the fixed shape (GRAM_BLOCK, d) x (d, GRAM_BLOCK) on
@@ -102,13 +159,15 @@ def gram(X: np.ndarray, Y: np.ndarray, *, upper: bool = False) -> np.ndarray:
     Y : ndarray, shape (m, d)
     upper : bool
         Only fill blocks on or above the block diagonal (X is Y); the rest is left unset.
+    out : ndarray, shape (n, m), float64, optional
+        Where to write (may be a view of a larger reused buffer).
 
     Returns
     -------
     ndarray, shape (n, m)
     """
     n = X.shape[0]
-    G = np.empty((n, Y.shape[0]))
+    G = np.empty((n, Y.shape[0])) if out is None else out
     B = GRAM_BLOCK
     n_blocks = -(-n // B)
     workers = max(1, min(nb.get_num_threads(), n_blocks))

@@ -17,7 +17,7 @@ import numba as nb
 import numpy as np
 
 from ..spec import DEQSpec
-from .common import GRAM_BLOCK, KernelResult, gram, raise_failures
+from .common import GRAM_BLOCK, KernelResult, copy_into, gram, raise_failures
 from .duals import (
     _INV_2PI,
     ACTIVATION_IDS,
@@ -123,23 +123,28 @@ def _relu_table_values(t, sw2):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy")
-def _relu_tile(G, sx, sy, su2_d, sb2, sw2, tmax, inv_step, table, ntk, nngp, res):
+def _relu_tile(G, sx, sy, su2_d, sb2, sw2, tmax, inv_step, table, ntk, nngp, want, res):
     """Normalised fixed point per entry from the tabulated angle, then one Newton step.
 
     ``theta(u)`` by cubic interpolation, one sin/cos pair, the residual of
     ``r - sw2 f(r) = t`` at that point (reported: a bound on the final residual), and one
-    Newton correction of ``r`` and of ``k0 = (pi - theta)/(2 pi)``.
+    Newton correction of ``r`` and of ``k0 = (pi - theta)/(2 pi)``.  ``want`` = (ntk, nngp)
+    flags: an output not wanted may be a (1, 1) dummy.  Outputs may be float32 (the value is
+    rounded on store, exactly as ``astype`` would).
     """
     n, m = G.shape
     nt = table.shape[0]
+    w_ntk, w_nngp = want
     for i in nb.prange(n):
         rmax = 0.0
         for j in range(m):
             s = sx[i] * sy[j]
             inj = su2_d * G[i, j] + sb2
             if s == 0.0:
-                nngp[i, j] = inj
-                ntk[i, j] = inj
+                if w_nngp:
+                    nngp[i, j] = inj
+                if w_ntk:
+                    ntk[i, j] = inj
                 continue
             gap = tmax - inj / s
             # a gap of a few ulps is a duplicate direction whose inner product and norms
@@ -167,34 +172,68 @@ def _relu_tile(G, sx, sy, su2_d, sb2, sw2, tmax, inv_step, table, ntk, nngp, res
             if sn > 0.0:
                 k0 = (math.pi - (th - dr / sn)) * _INV_2PI
             sig = s * r
-            nngp[i, j] = sig
-            ntk[i, j] = sig / (1.0 - sw2 * k0)
+            if w_nngp:
+                nngp[i, j] = sig
+            if w_ntk:
+                ntk[i, j] = sig / (1.0 - sw2 * k0)
             rmax = max(rmax, abs(resid))
         res[i] = rmax
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy")
-def _relu_tile_newton(G, sx, sy, su2_d, sb2, sw2, tmax, ntk, nngp, res):
+def _relu_tile_newton(G, sx, sy, su2_d, sb2, sw2, tmax, ntk, nngp, want, res):
     """Slow, table-free path: safeguarded Newton in r per entry (rows the table missed)."""
     n, m = G.shape
+    w_ntk, w_nngp = want
     for i in nb.prange(n):
         rmax = 0.0
         for j in range(m):
             s = sx[i] * sy[j]
             inj = su2_d * G[i, j] + sb2
             if s == 0.0:
-                nngp[i, j] = inj
-                ntk[i, j] = inj
+                if w_nngp:
+                    nngp[i, j] = inj
+                if w_ntk:
+                    ntk[i, j] = inj
                 continue
             t = min(max(inj / s, -1.0), tmax)
             r, _f, k0, resid, _it = _relu_solve_r(t, sw2, 0.0)
-            nngp[i, j] = s * r
-            ntk[i, j] = s * r / (1.0 - sw2 * k0)
+            if w_nngp:
+                nngp[i, j] = s * r
+            if w_ntk:
+                ntk[i, j] = s * r / (1.0 - sw2 * k0)
             rmax = max(rmax, resid)
         res[i] = rmax
 
 
-def _relu_fc(spec: DEQSpec, X, Y, symmetric: bool) -> KernelResult:
+@nb.njit(cache=True, parallel=True, error_model="numpy")
+def _nonfinite_rows(A, symmetric):
+    """Per row: whether it holds a non-finite value (only j >= i when ``symmetric``)."""
+    n, m = A.shape
+    bad = np.zeros(n, dtype=np.bool_)
+    for i in nb.prange(n):
+        for j in range(i if symmetric else 0, m):
+            if not np.isfinite(A[i, j]):
+                bad[i] = True
+                break
+    return bad
+
+
+def _outputs(out: dict | None, n: int, m: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(ntk, nngp, want): the caller's arrays, fresh float64 ones, or a (1, 1) dummy."""
+    if out is None:
+        return np.empty((n, m)), np.empty((n, m)), (True, True)
+    ntk, nngp = out.get("ntk"), out.get("nngp")
+    some = ntk if ntk is not None else nngp
+    dummy = np.empty((1, 1), dtype=some.dtype)
+    return (
+        dummy if ntk is None else ntk,
+        dummy if nngp is None else nngp,
+        (ntk is not None, nngp is not None),
+    )
+
+
+def _relu_fc(spec: DEQSpec, X, Y, symmetric: bool, out: dict | None = None) -> KernelResult:
     d = X.shape[1]
     sw2 = spec.sigma_w2
     su2_d = spec.sigma_u2 / d
@@ -203,37 +242,60 @@ def _relu_fc(spec: DEQSpec, X, Y, symmetric: bool) -> KernelResult:
     qy = qx if symmetric else (su2_d * _sqnorms(Y) + sb2) / (1.0 - sw2 / 2.0)
     sx, sy = np.sqrt(qx), np.sqrt(qy)
     n, m = X.shape[0], Y.shape[0]
-    # all GEMMs first, then the entry kernel: interleaving them makes OpenBLAS's spinning
-    # threads compete with numba's
-    G = gram(X, Y, upper=symmetric)
-    B = GRAM_BLOCK
-    if symmetric:
-        blocks = [(i0, min(i0 + B, n), i0, m) for i0 in range(0, n, B)]
-    else:
-        blocks = [(0, n, 0, m)]
-    ntk = np.empty((n, m))
-    nngp = np.empty((n, m))
+    ntk, nngp, want = _outputs(out, n, m)
     res = np.empty(n)
     u_step, tmax, table = relu_inverse_table(sw2)
-    failed = np.zeros((n, 1), dtype=bool)
-    for i0, i1, j0, j1 in blocks:
-        args = (G[i0:i1, j0:j1], sx[i0:i1], sy[j0:j1], su2_d, sb2, sw2, tmax)
-        out = (ntk[i0:i1, j0:j1], nngp[i0:i1, j0:j1], res[i0:i1])
-        _relu_tile(*args, 1.0 / u_step, table, *out)
-        if res[i0:i1].max() > RESIDUAL_TOL:  # off the table: never expected
-            _relu_tile_newton(*args, *out)
-        failed[i0:i1, 0] |= res[i0:i1] > RESIDUAL_TOL
+    failed = np.zeros(n, dtype=bool)
+    B = GRAM_BLOCK
+    # Row groups of one Gram block per thread: the GEMMs of a group, then its entries.
+    # One group-sized Gram buffer is reused (a tile-sized one would be fresh memory for
+    # every tile, whose page faults cost ~1/4 of the time of a large tile).
+    group = B * max(1, min(nb.get_num_threads(), -(-n // B)))
+    gbuf = np.empty((min(group, n), m))
+    for g0 in range(0, n, group):
+        g1 = min(g0 + group, n)
+        c0 = g0 if symmetric else 0
+        G = gram(X[g0:g1], Y[c0:], upper=symmetric, out=gbuf[: g1 - g0, : m - c0])
+        if symmetric:  # block rows of the upper triangle
+            blocks = [(i0, min(i0 + B, g1), i0, m) for i0 in range(g0, g1, B)]
+        else:
+            blocks = [(g0, g1, 0, m)]
+        for i0, i1, j0, j1 in blocks:
+            args = (G[i0 - g0 : i1 - g0, j0 - c0 : j1 - c0], sx[i0:i1], sy[j0:j1])
+            args += (su2_d, sb2, sw2, tmax)
+            outs = (
+                ntk[i0:i1, j0:j1] if want[0] else ntk,
+                nngp[i0:i1, j0:j1] if want[1] else nngp,
+                want,
+                res[i0:i1],
+            )
+            _relu_tile(*args, 1.0 / u_step, table, *outs)
+            if res[i0:i1].max() > RESIDUAL_TOL:  # off the table: never expected
+                _relu_tile_newton(*args, *outs)
+            failed[i0:i1] |= res[i0:i1] > RESIDUAL_TOL
     rmax = float(res.max())
+    kept = [a for a, w in zip((ntk, nngp), want) if w]
     if symmetric:
         # the diagonal is the closed form; the lower triangle mirrors the upper one
         idx = np.arange(n)
-        nngp[idx, idx] = qx
-        ntk[idx, idx] = qx / (1.0 - sw2 / 2.0)
-        _mirror_upper(nngp)
-        _mirror_upper(ntk)
-    bad = ~(np.isfinite(ntk) & np.isfinite(nngp))
-    raise_failures(bad | failed, "ReLU DEQ kernel")
-    return KernelResult(ntk=ntk, nngp=nngp, max_residual=rmax, iterations=1)
+        if want[1]:
+            nngp[idx, idx] = qx
+        if want[0]:
+            ntk[idx, idx] = qx / (1.0 - sw2 / 2.0)
+        for a in kept:
+            _mirror_upper(a)
+    for a in kept:
+        failed |= _nonfinite_rows(a, symmetric)
+    if failed.any():
+        bad = failed[:, None] & np.ones((1, m), dtype=bool)
+        bad &= (res > RESIDUAL_TOL)[:, None] | ~np.all([np.isfinite(a) for a in kept], axis=0)
+        raise_failures(bad, "ReLU DEQ kernel")
+    return KernelResult(
+        ntk=ntk if want[0] else None,
+        nngp=nngp if want[1] else None,
+        max_residual=rmax,
+        iterations=1,
+    )
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy")
@@ -435,7 +497,12 @@ def _generic_fc(spec: DEQSpec, X, Y, symmetric: bool, n_nodes) -> KernelResult:
 
 
 def fc_kernel(
-    spec: DEQSpec, X: np.ndarray, Y: np.ndarray | None = None, *, n_nodes: int | None = None
+    spec: DEQSpec,
+    X: np.ndarray,
+    Y: np.ndarray | None = None,
+    *,
+    n_nodes: int | None = None,
+    out: dict[str, np.ndarray] | None = None,
 ) -> KernelResult:
     """DEQ-NTK and NNGP of a fully-connected DEQ on a tile.
 
@@ -447,6 +514,9 @@ def fc_kernel(
         ``None`` means ``Y = X`` and an exactly symmetric result.
     n_nodes : int, optional
         Gauss-Hermite nodes per dimension for quadrature activations.
+    out : dict, optional
+        Validated ``{"ntk": array, "nngp": array}`` (either or both) of shape (n, m) to
+        write into; only those kernels are returned.
 
     Returns
     -------
@@ -456,8 +526,8 @@ def fc_kernel(
     symmetric = Y is None
     Y = X if symmetric else Y
     if spec.activation == "relu":
-        return _relu_fc(spec, X, Y, symmetric)
-    return _generic_fc(spec, X, Y, symmetric, n_nodes)
+        return _relu_fc(spec, X, Y, symmetric, out)
+    return copy_into(_generic_fc(spec, X, Y, symmetric, n_nodes), out)
 
 
 def finite_depth_kernel(
