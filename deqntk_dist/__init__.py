@@ -13,11 +13,24 @@ from .errors import (
     StoreMismatchError,
 )
 from .kernels import KernelResult, finite_depth_kernel, kernel_matrix, self_covariance
-from .solve import SolveReport, kernel_ridge, solve_store
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
 from .store import open_kernel_store
 
 __version__ = "0.1.0"
+
+#: Imported on first use: workers computing tiles never need scipy's solvers.
+_LAZY = {"SolveReport": "solve", "kernel_ridge": "solve", "solve_store": "solve"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CDEQSpec",

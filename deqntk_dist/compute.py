@@ -85,7 +85,10 @@ class AuxJob:
 _STORES: dict[tuple, KernelStore] = {}
 _DATASETS: dict[tuple, DatasetStore] = {}
 _ROWS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+#: Row blocks kept per worker: at least this many, and more while within ``_ROWS_BYTES``
+#: (a worker then reads each block of a mid-sized dataset once, not once per tile).
 _ROWS_KEEP = 3
+_ROWS_BYTES = 512 * 2**20
 
 
 def _store(path: str) -> KernelStore:
@@ -99,8 +102,8 @@ def _store(path: str) -> KernelStore:
 def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
     """float64 rows of the dataset store a kernel store was made for.
 
-    A small per-process cache keeps the last row blocks (tiles of a row block run one after
-    another, so a worker reads each block once).  The dataset must still carry the
+    A per-process LRU cache keeps recent row blocks (at least ``_ROWS_KEEP``, more within
+    ``_ROWS_BYTES``), so a worker rarely reads a block twice.  The dataset must still carry the
     fingerprint recorded in the kernel store: rows of another dataset are never mixed in.
     """
     key = (dataset, os.stat(Path(dataset) / "zarr.json").st_mtime_ns)
@@ -120,7 +123,7 @@ def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
         return _ROWS[rkey]
     X = ds.rows(start, stop).astype(np.float64)
     _ROWS[rkey] = X
-    while len(_ROWS) > _ROWS_KEEP:
+    while len(_ROWS) > _ROWS_KEEP and sum(a.nbytes for a in _ROWS.values()) > _ROWS_BYTES:
         _ROWS.popitem(last=False)
     return X
 

@@ -471,10 +471,9 @@ class KernelStore:
         }
         # the data is in place: now the ledger, ``done`` last, the mirror's entry first
         for field, (upper, lower) in entries.items():
-            arr = self._root[f"ledger/{field}"]
             if i != j:
-                arr[j, i] = lower
-            arr[i, j] = upper
+                self._put_ledger(field, j, i, lower)
+            self._put_ledger(field, i, j, upper)
         return {"checksum": int(crc), "mirror_checksum": int(crc_m)}
 
     def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -502,12 +501,36 @@ class KernelStore:
                 isinstance(self._root.store, zarr.storage.LocalStore)
                 and len(codecs) == 1
                 and type(codecs[0]).__name__ == "BytesCodec"
-                and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
+                and (
+                    str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
+                    or (codecs[0].endian is None and self._root[name].dtype.itemsize == 1)
+                )
                 and type(enc).__name__ == "DefaultChunkKeyEncoding"
                 and enc.separator == "/"
                 and np.little_endian
             )
         return self.__dict__[key]
+
+    def _put_ledger(self, field: str, bi: int, bj: int, value) -> None:
+        """Ledger entry (bi, bj) of ``field``: its one-element chunk file (temp file + atomic
+        rename, the bytes zarr writes) where the layout allows, else through zarr."""
+        name = f"ledger/{field}"
+        if not self._raw_chunks(name):
+            self._root[name][bi, bj] = value
+            return
+        key = ("_dtype", name)
+        if key not in self.__dict__:
+            self.__dict__[key] = self._root[name].dtype
+        dtype = self.__dict__[key]
+        path = Path(self.path) / "ledger" / field / "c" / str(bi) / str(bj)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+        try:
+            tmp.write_bytes(np.asarray(value, dtype=dtype.newbyteorder("<")).tobytes())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, *, slot: int = 0) -> None:
         """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.

@@ -186,6 +186,7 @@ def test_direct_chunk_files_are_the_bytes_zarr_writes(tmp_path, ds, monkeypatch)
 
     fast = create_kernel_store(tmp_path / "fast", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
     assert fast._raw_chunks("ntk")
+    assert all(fast._raw_chunks(f"ledger/{f}") for f in ("done", "checksum", "max_residual"))
     _fill(fast, ds)
     monkeypatch.setattr(KernelStore, "_raw_chunks", lambda self, name: False)
     ref = create_kernel_store(tmp_path / "ref", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
@@ -203,6 +204,13 @@ def test_direct_chunk_files_are_the_bytes_zarr_writes(tmp_path, ds, monkeypatch)
                     tmp_path / "ref" / rel
                 ).read_bytes()
     assert not list((tmp_path / "fast").rglob("*.partial"))
+    # the ledger files written directly read back through zarr like zarr's own
+    fast_root, ref_root = zarr.open_group(fast.path, mode="r"), zarr.open_group(ref.path, mode="r")
+    for field in ("done", "checksum", "iterations", "max_residual", "seconds"):
+        np.testing.assert_array_equal(
+            fast_root[f"ledger/{field}"][:], ref_root[f"ledger/{field}"][:]
+        )
+    assert fast_root["ledger/done"][:].all()
 
 
 def _direct_io_supported(directory) -> bool:

@@ -123,21 +123,22 @@ def _relu_table_values(t, sw2):
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy")
-def _relu_tile(G, sx, sy, su2_d, sb2, sw2, tmax, inv_step, table, ntk, nngp, want, res):
+def _relu_tile(G, sx, sy, su2_d, sb2, sw2, tmax, inv_step, table, ntk, nngp, want, tri, res):
     """Normalised fixed point per entry from the tabulated angle, then one Newton step.
 
     ``theta(u)`` by cubic interpolation, one sin/cos pair, the residual of
     ``r - sw2 f(r) = t`` at that point (reported: a bound on the final residual), and one
     Newton correction of ``r`` and of ``k0 = (pi - theta)/(2 pi)``.  ``want`` = (ntk, nngp)
     flags: an output not wanted may be a (1, 1) dummy.  Outputs may be float32 (the value is
-    rounded on store, exactly as ``astype`` would).
+    rounded on store, exactly as ``astype`` would).  ``tri``: only entries with ``j >= i``
+    (a diagonal block of a symmetric tile).
     """
     n, m = G.shape
     nt = table.shape[0]
     w_ntk, w_nngp = want
     for i in nb.prange(n):
         rmax = 0.0
-        for j in range(m):
+        for j in range(i if tri else 0, m):
             s = sx[i] * sy[j]
             inj = su2_d * G[i, j] + sb2
             if s == 0.0:
@@ -181,13 +182,13 @@ def _relu_tile(G, sx, sy, su2_d, sb2, sw2, tmax, inv_step, table, ntk, nngp, wan
 
 
 @nb.njit(cache=True, parallel=True, error_model="numpy")
-def _relu_tile_newton(G, sx, sy, su2_d, sb2, sw2, tmax, ntk, nngp, want, res):
+def _relu_tile_newton(G, sx, sy, su2_d, sb2, sw2, tmax, ntk, nngp, want, tri, res):
     """Slow, table-free path: safeguarded Newton in r per entry (rows the table missed)."""
     n, m = G.shape
     w_ntk, w_nngp = want
     for i in nb.prange(n):
         rmax = 0.0
-        for j in range(m):
+        for j in range(i if tri else 0, m):
             s = sx[i] * sy[j]
             inj = su2_d * G[i, j] + sb2
             if s == 0.0:
@@ -267,6 +268,7 @@ def _relu_fc(spec: DEQSpec, X, Y, symmetric: bool, out: dict | None = None) -> K
                 ntk[i0:i1, j0:j1] if want[0] else ntk,
                 nngp[i0:i1, j0:j1] if want[1] else nngp,
                 want,
+                symmetric,
                 res[i0:i1],
             )
             _relu_tile(*args, 1.0 / u_step, table, *outs)
