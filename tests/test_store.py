@@ -286,3 +286,18 @@ def test_direct_io_chunks_with_padding_equal_zarr(tmp_path, rng, monkeypatch):
     np.testing.assert_array_equal(
         open_kernel_store(fast.path).block("ntk", slice(0, n), slice(0, n)), full
     )
+
+
+def test_checksum_is_zlib_crc32(rng):
+    """The ledger checksum (zlib-ng's SIMD crc32) is zlib's CRC-32, chained as well."""
+    import zlib
+
+    from deqntk_dist.store import checksum, crc32
+
+    for shape, dtype in [((3,), np.float32), ((517, 33), np.float64), ((1024, 1024), "<f4")]:
+        a = rng.random(shape).astype(dtype)
+        assert checksum(a) == zlib.crc32(a.tobytes())
+        b = rng.random(shape).astype(dtype)
+        assert crc32(b.tobytes(), crc32(a.tobytes())) == zlib.crc32(b.tobytes(), checksum(a))
+    big = rng.random((64, 64)).astype(">f8")  # big-endian input: checksummed as written (<)
+    assert checksum(big) == zlib.crc32(big.astype("<f8").tobytes())
