@@ -34,6 +34,9 @@ if [[ ! -s "$scheduler_file" ]]; then
     exit 1
 fi
 export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+# glibc keeps tile-sized temporaries (<= 32 MiB) for reuse instead of dask's default
+# MALLOC_TRIM_THRESHOLD_=65536, which makes each one fresh memory that faults in again
+export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
 name="$(hostname -s 2>/dev/null || uname -n)-$$"
 local_dir="$scratch/deqntk-worker-$name"
 mkdir -p "$local_dir" "$run_dir"
