@@ -214,14 +214,25 @@ def test_direct_chunk_files_are_the_bytes_zarr_writes(tmp_path, ds, monkeypatch)
 
 
 def _direct_io_supported(directory) -> bool:
+    """Whether an aligned 1 MiB O_DIRECT write works in ``directory`` (probed directly)."""
+    import mmap
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
     probe = os.path.join(directory, ".probe")
+    buf = mmap.mmap(-1, 1 << 20)  # page-aligned
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
     except OSError:
         return False
-    os.close(fd)
-    os.unlink(probe)
-    return hasattr(os, "O_DIRECT")
+    try:
+        os.write(fd, buf)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 @pytest.mark.parametrize("side", [512, 520])  # 1 MiB exactly; an unaligned 256-byte tail
