@@ -586,7 +586,7 @@ def compute_kernel_store(
 
 def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, progress, say):
     plan = ks.plan
-    missing = ks.missing_tiles()
+    missing = plan.largest_first(ks.missing_tiles())
     done_before = plan.n_tiles - len(missing)
     entries_total = plan.n * plan.n
     entries_before = entries_total - sum(plan.entries(t) for t in missing)

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
     from deqntk_dist import DEQSpec, write_dataset_store
     from deqntk_dist.compute import compute_kernel_store
-    from deqntk_dist.plan import choose_tile
+    from deqntk_dist.plan import choose_tile, tile_cap
     from deqntk_dist.runtime import RuntimeConfig, _default_workers, dask_client
 
     spec = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
@@ -186,7 +186,9 @@ def main(argv=None) -> int:
         out["dataset_seconds"] = time.perf_counter() - t0
 
         mem_limit = psutil.virtual_memory().total // workers
-        tile = args.tile or choose_tile(args.n, min(2 * 2**30, mem_limit // 2))
+        # the same default as `deqntk compute`: memory budget, and enough tiles per worker
+        cap = tile_cap(args.n, workers=workers)
+        tile = args.tile or choose_tile(args.n, min(2 * 2**30, mem_limit // 2), max_side=cap)
         out["tile"] = tile
         bt = min(tile, args.n)
         t_before = bare_tile(spec, x, bt, None, args.bare_reps)

@@ -87,3 +87,19 @@ def test_tile_cap_balances_workers_and_bounds_cdeq_tiles():
     assert choose_tile(70000, 2**31, max_side=1024) <= 1024
     with pytest.raises(InputError, match="max_side"):
         choose_tile(100, 2**20, max_side=0)
+
+
+def test_largest_first_orders_by_cost_and_keeps_row_order_among_equals():
+    from deqntk_dist.plan import DIAGONAL_COST
+
+    plan = TilePlan(n=1000, tile=300)  # blocks of 300, 300, 300, 100
+    tiles = plan.tiles()
+    order = plan.largest_first(tiles[::-1])
+    assert sorted(order) == sorted(tiles)
+    costs = [plan.cost(t) for t in order]
+    assert costs == sorted(costs, reverse=True)
+    # full off-diagonal tiles first, row-major; then full diagonal ones; edge tiles last
+    assert order[:3] == [(0, 1), (0, 2), (1, 2)]
+    assert order[3:6] == [(0, 0), (1, 1), (2, 2)]
+    assert plan.cost((0, 0)) == DIAGONAL_COST * 300 * 300
+    assert order[-1] == (3, 3) and plan.cost((0, 3)) == 300 * 100
