@@ -29,7 +29,7 @@ def _worker_env() -> dict:
     return {k: os.environ.get(k) for k in MALLOC_ENV}
 
 
-def test_local_cluster_workers_reuse_tile_memory():
+def test_local_cluster_workers_reuse_tile_memory(monkeypatch):
     """dask's default (MALLOC_TRIM_THRESHOLD_=65536) re-faults every 24 MiB temporary;
     the workers dask_client starts keep it in the heap (counted by the kernel, not assumed).
 
@@ -40,31 +40,26 @@ def test_local_cluster_workers_reuse_tile_memory():
 
     from distributed import Client, LocalCluster
 
-    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-    try:
-        with (
-            LocalCluster(
-                n_workers=1,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            default = next(iter(client.run(_faults_of_tile_temporaries).values()))
-        os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as the nanny above leaves it
-        leaked = {k: os.environ.get(k) for k in MALLOC_ENV}
-        with dask_client(RuntimeConfig(workers=1)) as client:
-            assert list(client.run(_worker_env).values()) == [MALLOC_ENV]
-            ours = next(iter(client.run(_faults_of_tile_temporaries).values()))
-        assert {k: os.environ.get(k) for k in MALLOC_ENV} == leaked  # restored
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for k in MALLOC_ENV:  # restored at teardown, whatever the nannies write meanwhile
+        monkeypatch.setenv(k, "0")
+        monkeypatch.delenv(k)
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        default = next(iter(client.run(_faults_of_tile_temporaries).values()))
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as the nanny above leaves it
+    leaked = {k: os.environ.get(k) for k in MALLOC_ENV}
+    with dask_client(RuntimeConfig(workers=1)) as client:
+        assert list(client.run(_worker_env).values()) == [MALLOC_ENV]
+        ours = next(iter(client.run(_faults_of_tile_temporaries).values()))
+    assert {k: os.environ.get(k) for k in MALLOC_ENV} == leaked  # restored
     pages = 8 * 24 * 2**20 // 4096
     # the default faults in (nearly) every page of every array, ours (nearly) none
     assert default > 0.5 * pages / 512, default  # >= one fault per huge page even with THP
