@@ -174,9 +174,14 @@ def _write_all(fd: int, mv: memoryview, offset: int) -> int:
     return offset + pos
 
 
-@functools.lru_cache(maxsize=1)
 def _io_pool() -> ThreadPoolExecutor:
-    """Two threads that write a tile's chunk and its mirror at the same time."""
+    """Two threads that write a tile's chunk and its mirror at the same time (one pool per
+    process: a pool inherited through ``fork`` has no threads)."""
+    return _io_pool_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _io_pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, thread_name_prefix="deqntk-io")
 
 

@@ -312,3 +312,36 @@ def test_checksum_is_zlib_crc32(rng):
         assert crc32(b.tobytes(), crc32(a.tobytes())) == zlib.crc32(b.tobytes(), checksum(a))
     big = rng.random((64, 64)).astype(">f8")  # big-endian input: checksummed as written (<)
     assert checksum(big) == zlib.crc32(big.astype("<f8").tobytes())
+
+
+def test_tile_writes_work_in_a_forked_child(tmp_path, ds):
+    """The I/O thread pool is per process: a child forked after the parent wrote tiles
+    (so its pool has no threads) still writes, instead of waiting forever."""
+    import multiprocessing as mp
+
+    store = create_kernel_store(tmp_path / "k", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
+    tiles = store.plan.tiles()
+    _fill(store, ds, [(0, 1)])  # both I/O threads start here
+    tiles.remove((0, 1))
+    X = ds.rows(0, ds.n)
+    # computed here: numba's OpenMP pool refuses to run in a forked child at all
+    values = {}
+    for i, j in tiles:
+        r0, r1 = store.plan.bounds(i)
+        c0, c1 = store.plan.bounds(j)
+        res = kernel_matrix(SPEC, X[r0:r1], None if i == j else X[c0:c1])
+        values[i, j] = {"ntk": res.ntk, "nngp": res.nngp}
+
+    def child():
+        ks = open_kernel_store(store.path, writable=True)
+        for (i, j), v in values.items():
+            ks.write_tile(i, j, v, max_residual=0.0, iterations=1, seconds=0.01)
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():  # pragma: no cover - the failure this test guards against
+        proc.kill()
+        pytest.fail("tile writes in a forked child hung")
+    assert proc.exitcode == 0
+    assert verify_kernel_store(store.path) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ def gram(
         if len(stripes) == 1:
             _gram_stripe(G, X, Y, *stripes[0], upper)
         else:
-            list(_pool(len(stripes)).map(lambda s: _gram_stripe(G, X, Y, *s, upper), stripes))
+            pool = _pool(len(stripes), os.getpid())  # a pool inherited by fork has no threads
+            list(pool.map(lambda s: _gram_stripe(G, X, Y, *s, upper), stripes))
     return G
 
 
@@ -190,7 +192,7 @@ def _blas_controller() -> ThreadpoolController:
 
 
 @lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="deqntk-gram")
 
 
