@@ -73,13 +73,13 @@ def test_choose_tile_small_problems():
 
 
 def test_tile_cap_balances_workers_and_bounds_cdeq_tiles():
-    from deqntk_dist.plan import tile_cap
+    from deqntk_dist.plan import TILES_PER_WORKER, tile_cap
 
     for n, workers in [(20000, 2), (70000, 8), (1000, 3), (7, 4)]:
         cap = tile_cap(n, workers=workers)
         plan = TilePlan(n=n, tile=cap)
         # enough upper-triangle tiles to keep every worker busy (unless rows run out)
-        assert plan.n_tiles >= min(4 * workers, n * (n + 1) // 2)
+        assert plan.n_tiles >= min(TILES_PER_WORKER * workers, n * (n + 1) // 2)
     assert tile_cap(60000, workers=64, kernel="cdeq") == 1024
     assert tile_cap(60000, workers=64, kernel="cdeq", readout="gap") == 96
     assert tile_cap(50, workers=1, kernel="cdeq", readout="gap") == tile_cap(50, workers=1)
