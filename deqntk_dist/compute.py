@@ -30,8 +30,8 @@ from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
 from .spec import CDEQSpec, DEQSpec
 from .store import (
     KERNEL_NAMES,
+    AlignedBuffers,
     KernelStore,
-    aligned_empty,
     create_kernel_store,
     open_kernel_store,
 )
@@ -128,25 +128,17 @@ def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
     return X
 
 
-_BUFFERS: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
-_BUFFERS_KEEP = 2
+_BUFFERS = AlignedBuffers()
 
 
 def _tile_buffers(ks: KernelStore, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """Reused, page-aligned output arrays (store dtype) for a tile of ``shape``.
 
     The tile kernel writes the store's values straight into them, and the store writes
-    them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory (the
-    last two shapes are kept: full tiles and the edge tiles of a row).
+    them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory.
     """
     key = (shape, ks.dtype.str, ks.kernels)
-    if key in _BUFFERS:
-        _BUFFERS.move_to_end(key)
-        return _BUFFERS[key]
-    while len(_BUFFERS) >= _BUFFERS_KEEP:
-        _BUFFERS.popitem(last=False)
-    _BUFFERS[key] = {name: aligned_empty(shape, ks.dtype) for name in ks.kernels}
-    return _BUFFERS[key]
+    return _BUFFERS.get(key, {name: shape for name in ks.kernels}, ks.dtype)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,25 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = DIRECT_ALIGN) -> n
     raw = np.empty(nbytes + align, dtype=np.uint8)
     off = (-raw.ctypes.data) % align
     return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+class AlignedBuffers:
+    """Reused page-aligned arrays for tiles, by key; the ``keep`` most recently used are
+    kept (full tiles and the edge tiles of a row), so steady state allocates nothing."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._bufs: OrderedDict = OrderedDict()
+
+    def get(self, key, shapes: dict, dtype):
+        """``{name: array of shape}`` for ``key`` (made with :func:`aligned_empty` once)."""
+        if key in self._bufs:
+            self._bufs.move_to_end(key)
+            return self._bufs[key]
+        while len(self._bufs) >= self.keep:
+            self._bufs.popitem(last=False)
+        self._bufs[key] = {k: aligned_empty(shape, dtype) for k, shape in shapes.items()}
+        return self._bufs[key]
 
 
 def _direct_io_enabled() -> bool:
@@ -442,29 +462,21 @@ class KernelStore:
             )
             # chunk files go out on I/O threads while this thread makes the mirror and the
             # checksums (pwrite, crc32 and the compiled transpose release the GIL)
-            pool = _io_pool() if self._raw_chunks(name) else None
-
-            def put(bi, bj, data, slot, name=name, pool=pool):
-                if pool is None:
-                    self._put_chunk(name, bi, bj, data)
-                    return None
-                return pool.submit(self._put_chunk, name, bi, bj, data, slot=slot)
-
             if i == j:
                 cast = block if ready else self._scratch(block.shape)[0]
                 if not ready:
                     np.copyto(cast, block, casting="same_kind")
-                writes = [put(i, j, cast, 0)]
+                writes = [self._submit_chunk(name, i, j, cast, 0)]
                 crc = crc32(memoryview(cast).cast("B"), crc)
             else:
                 if ready:
                     cast, mirror = block, self._scratch(block.shape)[1]
-                    writes = [put(i, j, cast, 0)]
+                    writes = [self._submit_chunk(name, i, j, cast, 0)]
                     _transpose_into(block, mirror)
                 else:
                     cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
-                    writes = [put(i, j, cast, 0)]
-                writes.append(put(j, i, mirror, 1))
+                    writes = [self._submit_chunk(name, i, j, cast, 0)]
+                writes.append(self._submit_chunk(name, j, i, mirror, 1))
                 crc = crc32(memoryview(cast).cast("B"), crc)
                 crc_m = crc32(memoryview(mirror).cast("B"), crc_m)
             for w in writes:
@@ -488,17 +500,10 @@ class KernelStore:
         return {"checksum": int(crc), "mirror_checksum": int(crc_m)}
 
     def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Reused (up, lo) cast buffers for tiles of ``shape`` (the last two shapes kept:
-        full tiles and the edge tiles of a row)."""
-        bufs = self.__dict__.setdefault("_scratch_bufs", {})
-        if shape not in bufs:
-            if len(bufs) >= 2:
-                bufs.pop(next(iter(bufs)))
-            bufs[shape] = (
-                aligned_empty(shape, self.dtype),
-                aligned_empty(shape[::-1], self.dtype),
-            )
-        return bufs[shape]
+        """Reused (up, lo) cast buffers for tiles of ``shape``."""
+        bufs = self.__dict__.setdefault("_scratch_bufs", AlignedBuffers())
+        b = bufs.get(shape, {"up": shape, "lo": shape[::-1]}, self.dtype)
+        return b["up"], b["lo"]
 
     def _raw_chunks(self, name: str) -> bool:
         """Whether chunk ``name`` files are the raw little-endian C-order values (local store,
@@ -523,32 +528,21 @@ class KernelStore:
         return self.__dict__[key]
 
     def _put_ledger(self, field: str, bi: int, bj: int, value) -> None:
-        """Ledger entry (bi, bj) of ``field``: its one-element chunk file (temp file + atomic
-        rename, the bytes zarr writes) where the layout allows, else through zarr."""
+        """Ledger entry (bi, bj) of ``field``: its one-element chunk file (the bytes zarr
+        writes) where the layout allows, else through zarr."""
         name = f"ledger/{field}"
         if not self._raw_chunks(name):
             self._root[name][bi, bj] = value
             return
-        key = ("_dtype", name)
-        if key not in self.__dict__:
-            self.__dict__[key] = self._root[name].dtype
-        dtype = self.__dict__[key]
-        path = Path(self.path) / "ledger" / field / "c" / str(bi) / str(bj)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-        try:
-            tmp.write_bytes(np.asarray(value, dtype=dtype.newbyteorder("<")).tobytes())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        item = np.array([value], dtype=np.dtype(LEDGER_FIELDS[field][0]).newbyteorder("<"))
+        self._write_chunk_file(name, bi, bj, item, direct=False)
 
     def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, *, slot: int = 0) -> None:
         """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.
 
-        Uncompressed local chunks are written directly (temp file + atomic rename, exactly
-        the bytes zarr writes: the values, edge chunks padded with the NaN fill value), which
-        is ~2x faster than a zarr write of the same chunk; anything else goes through zarr.
+        Uncompressed local chunks are written directly (exactly the bytes zarr writes: the
+        values, edge chunks padded with the NaN fill value), which is ~2x faster than a zarr
+        write of the same chunk; anything else goes through zarr.
         """
         r0, r1 = self.plan.bounds(bi)
         c0, c1 = self.plan.bounds(bj)
@@ -564,19 +558,37 @@ class KernelStore:
             full.fill(np.nan)
             full[: r1 - r0, : c1 - c0] = data
             data = full
+        if "_direct" not in self.__dict__:
+            self.__dict__["_direct"] = _direct_io_enabled()
+        direct = self.__dict__["_direct"]
+        used = self._write_chunk_file(name, bi, bj, np.ascontiguousarray(data), direct=direct)
+        if direct and not used and data.nbytes >= DIRECT_MIN_BYTES:
+            self.__dict__["_direct"] = False  # not on this filesystem: stop trying
+
+    def _submit_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, slot: int):
+        """:meth:`_put_chunk` on an I/O thread for raw chunk files (returns its future),
+        else at once (returns None)."""
+        if not self._raw_chunks(name):
+            self._put_chunk(name, bi, bj, data)
+            return None
+        return _io_pool().submit(self._put_chunk, name, bi, bj, data, slot=slot)
+
+    def _write_chunk_file(
+        self, name: str, bi: int, bj: int, data: np.ndarray, *, direct: bool
+    ) -> bool:
+        """Replace chunk file (bi, bj) of array ``name`` whole: a temp file beside it, then
+        an atomic rename, so a reader never sees part of a chunk.  Returns whether direct
+        I/O was used (:func:`write_file`)."""
         path = Path(self.path) / name / "c" / str(bi) / str(bj)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-        if "_direct" not in self.__dict__:
-            self.__dict__["_direct"] = _direct_io_enabled()
         try:
-            used = write_file(tmp, np.ascontiguousarray(data), direct=self.__dict__["_direct"])
-            if self.__dict__["_direct"] and not used and data.nbytes >= DIRECT_MIN_BYTES:
-                self.__dict__["_direct"] = False  # not on this filesystem: stop trying
+            used = write_file(tmp, data, direct=direct)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
+        return used
 
     def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""
