@@ -9,12 +9,14 @@ from typing import Any, ClassVar
 
 from .errors import SpecError
 
-__all__ = ["ACTIVATIONS", "DEQSpec", "CDEQSpec", "spec_from_dict"]
+__all__ = ["ACTIVATIONS", "READOUTS", "DEQSpec", "CDEQSpec", "spec_from_dict"]
 
 #: Activations with closed-form dual maps; the others use Gauss-Hermite quadrature.
 CLOSED_FORM_ACTIVATIONS = ("relu", "erf")
 QUADRATURE_ACTIVATIONS = ("tanh", "gelu")
 ACTIVATIONS = CLOSED_FORM_ACTIVATIONS + QUADRATURE_ACTIVATIONS
+#: CDEQ readouts: flatten, global average pooling, local average pooling.
+READOUTS = ("flatten", "gap", "lap")
 
 
 def _check_variance(name: str, value: Any) -> float:
@@ -32,12 +34,15 @@ class _BaseSpec:
     sigma_u2: float
     sigma_b2: float = 0.0
     activation: str = "relu"
+    hflip: bool = False
 
     kind: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for name in ("sigma_w2", "sigma_u2", "sigma_b2"):
             object.__setattr__(self, name, _check_variance(name, getattr(self, name)))
+        if not isinstance(self.hflip, bool):
+            raise SpecError(f"hflip must be True or False, got {self.hflip!r}")
         if self.activation not in ACTIVATIONS:
             raise SpecError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
@@ -88,6 +93,9 @@ class DEQSpec(_BaseSpec):
         Weight, input-injection and bias variances.
     activation : {"relu", "erf", "tanh", "gelu"}
         ReLU and erf use closed-form dual maps, the others Gauss-Hermite quadrature.
+    hflip : bool
+        Horizontal-flip symmetrisation ``K(x, y) = (K0(x, y) + K0(x, flip y)) / 2``; the
+        rows must then be images ``(n, H, W, C)`` (flattened for the kernel).
     """
 
     kind: ClassVar[str] = "deq"
@@ -103,14 +111,22 @@ class CDEQSpec(_BaseSpec):
         Weight, input-injection and bias variances.
     filter_size : int
         Odd filter side k (SAME zero padding), default 3.
-    readout : {"flatten", "gap"}
-        ``flatten`` averages offset-0 pixel pairs; ``gap`` averages all pixel pairs.
+    readout : {"flatten", "gap", "lap"}
+        ``flatten`` averages offset-0 pixel pairs; ``gap`` (global average pooling) averages
+        all pixel pairs; ``lap`` (local average pooling over ``pool_size`` x ``pool_size``
+        windows, then flatten) weighs the pixel pairs at most ``pool_size - 1`` apart.
+    pool_size : int, optional
+        Odd window side c of ``lap`` (required with it, refused with the others); at most
+        ``2 max(H, W) - 1``, checked against the images.
     activation : str
         As for :class:`DEQSpec`.
+    hflip : bool
+        Horizontal-flip symmetrisation ``K(x, y) = (K0(x, y) + K0(x, flip y)) / 2``.
     """
 
     filter_size: int = 3
     readout: str = "flatten"
+    pool_size: int | None = None
 
     kind: ClassVar[str] = "cdeq"
 
@@ -119,8 +135,21 @@ class CDEQSpec(_BaseSpec):
         k = self.filter_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise SpecError(f"filter_size must be an odd integer >= 1, got {k!r}")
-        if self.readout not in ("flatten", "gap"):
-            raise SpecError(f"readout must be 'flatten' or 'gap', got {self.readout!r}")
+        if self.readout not in READOUTS:
+            raise SpecError(
+                f"readout must be one of {', '.join(map(repr, READOUTS))}, got {self.readout!r}"
+            )
+        c = self.pool_size
+        if self.readout == "lap":
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % 2 == 0:
+                raise SpecError(
+                    f"pool_size must be an odd integer >= 1 with readout='lap', got {c!r}"
+                )
+        elif c is not None:
+            raise SpecError(
+                f"pool_size is only used with readout='lap', got pool_size={c!r} with "
+                f"readout={self.readout!r}"
+            )
 
 
 _KINDS = {DEQSpec.kind: DEQSpec, CDEQSpec.kind: CDEQSpec}

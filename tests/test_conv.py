@@ -157,10 +157,11 @@ def test_self_covariance_is_the_linear_solve_for_relu(rng):
         assert _rel(V[n].ravel(), v) <= 1e-12
 
 
-def _finite_width_cdeq(spec, X, width, seed):
+def _finite_width_cdeq(spec, X, width, seed, pool=None):
     """Random weight-tied conv DEQ (SAME padding), fixed point by plain iteration.
 
-    Returns the per-image-pair empirical kernels for both readouts.
+    Returns the per-image-pair empirical kernels of the flatten and gap readouts (and, given
+    a (HW x HW) pooling matrix ``pool``, of the pooled-then-flattened readout).
     """
     r = np.random.default_rng(seed)
     n, H, W, C = X.shape
@@ -183,7 +184,11 @@ def _finite_width_cdeq(spec, X, width, seed):
         if np.max(np.abs(z_new - z)) < 1e-8:  # far below the Monte-Carlo error
             flat = np.einsum("api,bpi->ab", z_new, z_new) / (width * H * W)
             pooled = z_new.mean(axis=1)
-            return flat, pooled @ pooled.T / width
+            if pool is None:
+                return flat, pooled @ pooled.T / width
+            local = np.einsum("qp,api->aqi", pool, z_new)
+            lap = np.einsum("aqi,bqi->ab", local, local) / (width * H * W)
+            return flat, pooled @ pooled.T / width, lap
         z = z_new
     raise AssertionError("finite-width conv DEQ did not converge")
 
@@ -251,12 +256,13 @@ def test_solvers_agree(rng):
     X = rng.standard_normal((3, 5, 6, 2))
     Y = rng.standard_normal((2, 5, 6, 2))
     newton = conv_kernel(spec, X, Y)
+    newton_cg = conv_kernel(spec, X, Y, solver="newton-cg")
     anderson = conv_kernel(spec, X, Y, solver="anderson")
     plain = conv_kernel(spec, X, Y, solver="plain", max_iter=2000)
-    for other in (anderson, plain):
+    for other in (newton_cg, anderson, plain):
         assert _rel(other.ntk, newton.ntk) <= 1e-11
         assert _rel(other.nngp, newton.nngp) <= 1e-11
-    assert plain.iterations > newton.iterations
+    assert plain.iterations > newton_cg.iterations
 
 
 def test_zero_images_without_bias(rng):

@@ -20,17 +20,28 @@ __all__ = [
 def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Check X (and Y) against the spec; return float64 C-contiguous copies.
 
+    A DEQSpec takes rows ``(n, d)`` or images ``(n, H, W, C)`` (flattened by the kernel;
+    required with ``hflip``); a CDEQSpec takes images.
+
     Raises
     ------
     InputError
-        Wrong type, ndim, empty, non-finite, or mismatched feature shapes.
+        Wrong type, ndim, empty, non-finite, mismatched feature shapes, a filter or pool
+        larger than the images allow, or ``hflip`` on rows that are not images.
     """
     if isinstance(spec, DEQSpec):
-        ndim, what = 2, "(n, d)"
+        ndim, what = (4, "(n, H, W, C)") if spec.hflip else (2, "(n, d)")
+        if not spec.hflip and np.ndim(X) == 4:
+            ndim, what = 4, "(n, H, W, C)"
     elif isinstance(spec, CDEQSpec):
         ndim, what = 4, "(n, H, W, C)"
     else:
         raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
+    if isinstance(spec, DEQSpec) and spec.hflip and np.ndim(X) != 4:
+        raise InputError(
+            "hflip=True needs image rows X of shape (n, H, W, C) to flip along the width, "
+            f"got shape {np.shape(X)}"
+        )
     X = as_float_array("X", X, ndim, what=what)
     if Y is not None:
         Y = as_float_array("Y", Y, ndim, what=what)
@@ -45,6 +56,11 @@ def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np
                 f"filter_size must be <= the image side min(H, W) = {min(H, W)}, "
                 f"got {spec.filter_size}"
             )
+        if spec.readout == "lap" and spec.pool_size > 2 * max(H, W) - 1:
+            raise InputError(
+                f"pool_size must be <= 2 max(H, W) - 1 = {2 * max(H, W) - 1} for {H}x{W} "
+                f"images (a larger window pools nothing more), got {spec.pool_size}"
+            )
     return X, Y
 
 
@@ -54,7 +70,7 @@ def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, *, out=None, **options) -
     Parameters
     ----------
     spec : DEQSpec or CDEQSpec
-    X : array_like, shape (n, d) for DEQSpec or (n, H, W, C) for CDEQSpec
+    X : array_like, shape (n, d) or (n, H, W, C) for DEQSpec, (n, H, W, C) for CDEQSpec
     Y : array_like, optional
         Same feature shape as X; ``None`` means ``Y = X`` (exactly symmetric result).
     out : dict, optional
@@ -64,7 +80,9 @@ def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, *, out=None, **options) -
         rounded exactly as ``astype(np.float32)`` of the float64 result.  Reusing arrays
         across calls avoids fresh memory per tile.
     **options
-        Passed to the tile function (e.g. ``n_nodes`` for quadrature activations).
+        Passed to the tile function (e.g. ``n_nodes`` for quadrature activations; for
+        CDEQSpec ``tol``, whose default is :data:`~.conv.FLOAT32_TOL` when every ``out``
+        array is float32 and :data:`~.conv.DEFAULT_TOL` otherwise).
 
     Returns
     -------
@@ -81,10 +99,47 @@ def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, *, out=None, **options) -
     if isinstance(spec, DEQSpec):
         from .fc import fc_kernel
 
+        if spec.hflip:
+            return _fc_hflip(fc_kernel, spec, X, Y, out, options)
+        X = X.reshape(X.shape[0], -1)
+        Y = None if Y is None else Y.reshape(Y.shape[0], -1)
         return fc_kernel(spec, X, Y, out=out, **options)
-    from .conv import conv_kernel
+    from .conv import conv_kernel, default_tol
 
+    options.setdefault("tol", default_tol(out))
     return copy_into(conv_kernel(spec, X, Y, **options), out)
+
+
+def _fc_hflip(fc_kernel, spec: DEQSpec, X, Y, out, options) -> KernelResult:
+    """``(K(x, y) + K(x, flip y)) / 2`` of the FC kernel on image rows.
+
+    In a symmetric tile the flipped half is read from its upper triangle (``K(x_a, flip
+    x_b)``, ``a <= b``) and mirrored, as an off-diagonal tile computes it.
+    """
+    n = X.shape[0]
+    symmetric = Y is None
+    images = X if symmetric else Y
+    flat = X.reshape(n, -1)
+    flipped = np.ascontiguousarray(images[:, :, ::-1, :]).reshape(images.shape[0], -1)
+    names = list(out) if out else ["ntk", "nngp"]
+    shape = (n, images.shape[0])
+    a = {k: np.empty(shape) for k in names}
+    b = {k: np.empty(shape) for k in names}
+    ra = fc_kernel(spec, flat, None if symmetric else Y.reshape(shape[1], -1), out=a, **options)
+    rb = fc_kernel(spec, flat, flipped, out=b, **options)
+    for k in names:
+        B = b[k]
+        if symmetric:
+            B = np.triu(B) + np.triu(B, 1).T
+        a[k] += B
+        a[k] *= 0.5
+    res = KernelResult(
+        ntk=a.get("ntk"),
+        nngp=a.get("nngp"),
+        max_residual=max(ra.max_residual, rb.max_residual),
+        iterations=max(ra.iterations, rb.iterations),
+    )
+    return copy_into(res, out)
 
 
 def self_covariance(spec: DEQSpec | CDEQSpec, X) -> np.ndarray:

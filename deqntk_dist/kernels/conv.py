@@ -38,30 +38,38 @@ and their self-covariances, never on the tile, the batch or the thread count.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numba as nb
 import numpy as np
 
 from ..errors import InputError
 from ..spec import CDEQSpec
 from .common import KernelResult, raise_failures
-from .conv_solve import WORKSPACE_ROWS, offset_tasks, reduce_pairs, self_covariances
+from .conv_slices import box_eigen_bounds, pair_tasks
+from .conv_solve import WORKSPACE_ROWS, reduce_pairs, self_covariances
 from .duals import ACTIVATION_IDS, gauss_hermite, uses_quadrature
+from .fc import relu_inverse_table
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "DEFAULT_TOL",
+    "FLOAT32_TOL",
     "conv_kernel",
     "conv_self_covariance",
-    "offsets",
+    "default_tol",
+    "readout_plan",
 ]
 
-#: Relative fixed-point residual every pixel-pair solve is driven to.
+#: Relative fixed-point residual every pixel-pair solve is driven to (float64 results).
 DEFAULT_TOL = 1e-13
+#: The same for tiles stored as float32 (~7 digits): errors ~100x below their rounding.
+FLOAT32_TOL = 1e-9
 #: Largest number of iterations per solve before it is reported as failed.
 DEFAULT_MAX_ITER = 400
 #: Anderson history length.
 DEFAULT_HISTORY = 5
-_SOLVERS = ("newton", "anderson", "plain")
+_SOLVERS = ("newton", "anderson", "plain", "newton-cg")
 #: Working memory a tile may use for its sub-batches of image pairs (bytes).
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
@@ -160,12 +168,147 @@ def _check_self(name, value, X):
     return arr
 
 
-def offsets(spec: CDEQSpec, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel offsets (d1, d2) the readout needs: (0, 0) for flatten, all for gap."""
+def _task_inputs(spec, X, Y, VX, VY, n_nodes) -> tuple:
+    """Everything :func:`slice_tasks` passes to the compiled tasks but the pairs."""
+    n, H, W, C = X.shape
+    P = H * W
+    VX2 = VX.reshape(n, P)
+    VY2 = VY.reshape(Y.shape[0], P)
+    SX2, ISX2 = _roots(VX2)
+    SY2, ISY2 = (SX2, ISX2) if VY is VX else _roots(VY2)
+    r = spec.filter_size // 2
+    return (
+        spec,
+        X.reshape(n, P, C),
+        Y.reshape(Y.shape[0], P, C),
+        VX2,
+        VY2,
+        SX2,
+        SY2,
+        ISX2,
+        ISY2,
+        _activation(spec, n_nodes),
+        _eigen_bounds(max(H, W), r),
+        _relu_start_table(spec.sigma_w2),
+        (H, W, r),
+    )
+
+
+def slice_tasks(inputs, plan, pi, pj, *, tol, max_iter, history, method) -> np.ndarray:
+    """Solve every offset slice of the pairs ``(pi[q], pj[q])``.
+
+    Returns
+    -------
+    ndarray, shape (len(pi) * n_off, 6)
+        Per (pair, offset): weighted Theta* and Sigma* sums, residual, nonlinear
+        evaluations, linear iterations, 1.0 where the robust solver took over.
+    """
+    spec, X3, Y3, VX2, VY2, SX2, SY2, ISX2, ISY2, activation, bounds, start, shape = inputs
+    d1s, d2s, WR, WC, _ = plan
+    H, W, r = shape
+    out = np.empty((pi.shape[0] * d1s.shape[0], 6))
+    pair_tasks(
+        *activation,
+        spec.sigma_w2,
+        spec.sigma_u2,
+        spec.sigma_b2,
+        H,
+        W,
+        r,
+        X3,
+        Y3,
+        VX2,
+        VY2,
+        SX2,
+        SY2,
+        ISX2,
+        ISY2,
+        pi,
+        pj,
+        d1s,
+        d2s,
+        WR,
+        WC,
+        float(tol),
+        int(max_iter),
+        int(history),
+        int(method),
+        *bounds,
+        *start,
+        out,
+    )
+    return out
+
+
+def readout_plan(spec: CDEQSpec, H: int, W: int):
+    """Offset slices a readout needs and their separable per-pixel weights.
+
+    Returns
+    -------
+    d1s, d2s : ndarray, shape (n_off,), int64
+        Pixel offsets ``delta = j - i``: (0, 0) for flatten, every offset for gap, and
+        ``|delta| <= pool_size - 1`` per axis for lap.
+    WR, WC : ndarray, shape (n_off, H) / (n_off, W)
+        Weights of the slice's rows / columns (the readout sums ``WR[o, u] WC[o, v]
+        Theta(u, v)`` over slice pixels, DESIGN §1.2); ones for flatten and gap.
+    inv_norm : float
+        Factor of the weighted sum: ``1/(HW)`` (flatten), ``1/(HW)^2`` (gap),
+        ``1/(HW c^4)`` (lap).
+    """
     if spec.readout == "flatten":
-        return np.zeros(1, np.int64), np.zeros(1, np.int64)
-    d1, d2 = np.meshgrid(np.arange(-(H - 1), H), np.arange(-(W - 1), W), indexing="ij")
-    return d1.ravel().astype(np.int64), d2.ravel().astype(np.int64)
+        d1s, d2s = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    else:
+        c = spec.pool_size if spec.readout == "lap" else max(H, W)
+        e1, e2 = min(c - 1, H - 1), min(c - 1, W - 1)
+        g1, g2 = np.meshgrid(np.arange(-e1, e1 + 1), np.arange(-e2, e2 + 1), indexing="ij")
+        d1s, d2s = g1.ravel().astype(np.int64), g2.ravel().astype(np.int64)
+    n_off = d1s.shape[0]
+    WR = np.ones((n_off, H))
+    WC = np.ones((n_off, W))
+    if spec.readout == "lap":
+        R = (spec.pool_size - 1) // 2
+        for o in range(n_off):
+            WR[o, : H - abs(d1s[o])] = _overlap_counts(H, int(d1s[o]), R)
+            WC[o, : W - abs(d2s[o])] = _overlap_counts(W, int(d2s[o]), R)
+        return d1s, d2s, WR, WC, 1.0 / (H * W * spec.pool_size**4)
+    return d1s, d2s, WR, WC, 1.0 / (H * W) if spec.readout == "flatten" else 1.0 / (H * W) ** 2
+
+
+def _overlap_counts(n: int, d: int, R: int) -> np.ndarray:
+    """``#{i in [0, n): |i - a| <= R, |i - a - d| <= R}`` for the slice pixels ``a`` (those
+    with ``a`` and ``a + d`` in ``[0, n)``): the windows that hold both pixels of a pair."""
+    a = np.arange(max(0, -d), n - max(0, d))
+    lo = np.maximum(np.maximum(a, a + d) - R, 0)
+    hi = np.minimum(np.minimum(a, a + d) + R, n - 1)
+    return np.maximum(hi - lo + 1, 0).astype(np.float64)
+
+
+@lru_cache(maxsize=16)
+def _eigen_bounds(n_max: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    return box_eigen_bounds(n_max, r)
+
+
+def _roots(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sqrt(V)`` and ``1 / sqrt(V)`` (0 where ``V = 0``)."""
+    S = np.sqrt(V)
+    with np.errstate(divide="ignore"):
+        return S, np.where(S > 0, 1.0 / S, 0.0)
+
+
+@lru_cache(maxsize=16)
+def _relu_start_table(sigma_w2: float) -> tuple[np.ndarray, float, float]:
+    """Correlation of the pointwise ReLU fixed point on the FC kernel's ``u`` grid."""
+    if not sigma_w2 < 2.0:
+        return np.zeros(2), 0.0, 0.0  # not ReLU-admissible: only other activations get here
+    u_step, t_max, theta = relu_inverse_table(sigma_w2)
+    return np.cos(theta), t_max, 1.0 / u_step
+
+
+def default_tol(out) -> float:
+    """Tolerance for a tile written into ``out``: float32 outputs need ~7 digits."""
+    if out and all(a.dtype == np.float32 for a in out.values()):
+        return FLOAT32_TOL
+    return DEFAULT_TOL
 
 
 def conv_kernel(
@@ -199,15 +342,18 @@ def conv_kernel(
         Bytes of working memory for the tile (per-pair, per-offset partial results plus the
         per-thread slice workspaces); pairs are processed in sub-batches that fit.
     tol : float
-        Relative fixed-point residual each slice solve is driven to.
+        Relative fixed-point residual each slice solve is driven to (Sigma* and Theta*).
     max_iter, history : int
-        Iteration cap per solve (reported as a failure when hit); Anderson history length.
+        Iteration cap per solve of the robust solvers (reported as a failure when hit);
+        Anderson history length.
     n_nodes : int, optional
         Gauss-Hermite nodes per dimension for quadrature activations.
-    solver : {"newton", "anderson", "plain"}
-        Sigma* by Newton-Krylov (default; a slice falls back to Anderson when a Jacobian is
-        not positive definite or a step makes no progress) or by Anderson throughout;
-        ``plain`` is the reference forward iteration of the layer recursion (benchmarks).
+    solver : {"newton", "newton-cg", "anderson", "plain"}
+        ``newton`` (default): Newton-Chebyshev in mixed precision (:mod:`.conv_slices`); a
+        slice it cannot solve (e.g. ``k0 < 0`` for gelu) goes to the robust solver.
+        ``newton-cg``: the previous float64 Newton-Krylov solver (Anderson fallback);
+        ``anderson``: Anderson throughout; ``plain``: forward iteration of the layer
+        recursion (the reference of the benchmarks).
     batch_pairs : int, optional
         Image pairs per sub-batch; default: as many as ``memory_budget`` allows.
 
@@ -215,9 +361,9 @@ def conv_kernel(
     -------
     KernelResult
         ``ntk``, ``nngp`` of shape (n, m); ``iterations`` = the most sweeps any image pair
-        used on one offset slice (nonlinear map evaluations + CG iterations of the Newton
-        steps and of the Theta* solve); ``max_residual`` = largest relative fixed-point
-        residual (Sigma* and Theta*) over the tile.
+        used on one offset slice (nonlinear evaluations + linear iterations);
+        ``max_residual`` = largest relative fixed-point residual (Sigma* and Theta*) over
+        the tile.  With ``spec.hflip`` both are over the two kernels averaged.
 
     Raises
     ------
@@ -234,8 +380,6 @@ def conv_kernel(
         raise InputError(f"solver must be one of {', '.join(_SOLVERS)}, got {solver!r}")
     symmetric = Y is None
     Y = X if symmetric else Y
-    n, H, W, C = X.shape
-    m_ = Y.shape[0]
     opts = {"tol": tol, "max_iter": max_iter, "history": history, "n_nodes": n_nodes}
     VX = _check_self("self_x", self_x, X)
     VY = _check_self("self_y", self_y, Y)
@@ -243,62 +387,70 @@ def conv_kernel(
         VX = conv_self_covariance(spec, X, **opts)
     if VY is None:
         VY = VX if symmetric else conv_self_covariance(spec, Y, **opts)
+    run = {
+        "memory_budget": memory_budget,
+        "tol": float(tol),
+        "max_iter": int(max_iter),
+        "history": int(history),
+        "n_nodes": n_nodes,
+        "method": _SOLVERS.index(solver),
+        "batch_pairs": batch_pairs,
+    }
+    ntk, nngp, res, its = _pairs(spec, X, Y, VX, VY, symmetric, **run)
+    if spec.hflip:
+        # K(x, flip y) = K(y, flip x): the flipped half of a symmetric tile is symmetric too
+        Yf = np.ascontiguousarray(Y[:, :, ::-1, :])
+        VYf = np.ascontiguousarray(VY[:, :, ::-1])
+        f_ntk, f_nngp, f_res, f_its = _pairs(spec, X, Yf, VX, VYf, symmetric, **run)
+        ntk = 0.5 * (ntk + f_ntk)
+        nngp = 0.5 * (nngp + f_nngp)
+        res = np.maximum(res, f_res)
+        its = max(its, f_its)
+    failed = ~(np.isfinite(res) & np.isfinite(ntk) & np.isfinite(nngp))
+    raise_failures(
+        failed,
+        f"{spec.activation} CDEQ kernel ({spec.readout})",
+        " (the fixed point may not exist for these parameters: try a smaller sigma_w2)",
+    )
+    return KernelResult(ntk=ntk, nngp=nngp, max_residual=float(res.max()), iterations=its)
+
+
+def _pairs(spec, X, Y, VX, VY, symmetric, *, memory_budget, tol, max_iter, history, n_nodes,
+           method, batch_pairs):  # fmt: skip
+    """Readout sums of every pair of X x Y (``symmetric``: pairs i <= j, mirrored)."""
+    n, H, W, C = X.shape
+    m_ = Y.shape[0]
     if symmetric:
         pi, pj = np.triu_indices(n)
     else:
         pi, pj = np.divmod(np.arange(n * m_), m_)
     pi = pi.astype(np.int64)
     pj = pj.astype(np.int64)
-    d1s, d2s = offsets(spec, H, W)
-    n_off = d1s.shape[0]
+    plan = readout_plan(spec, H, W)
+    n_off = plan[0].shape[0]
     P = H * W
     r = spec.filter_size // 2
-    act, quad, nodes, weights = _activation(spec, n_nodes)
-    # memory: per-thread slice workspace + 5 partial results per (pair, offset) in a batch
-    ws_bytes = nb.get_num_threads() * 8 * (WORKSPACE_ROWS + 3 * max(history, 1)) * (P + 2 * r * H)
-    per_pair = 8 * 5 * n_off + 64
+    # memory: per-thread slice workspaces + 6 partial results per (pair, offset) in a batch
+    per_thread = 8 * (WORKSPACE_ROWS + 3 * max(history, 1)) * (P + 2 * r * H)
+    per_thread += (8 * 15 + 4 * 14) * ((H + 2 * r) * (W + 2 * r) + 2 * r)
+    ws_bytes = nb.get_num_threads() * per_thread
+    per_pair = 8 * 6 * n_off + 64
     batch = max(1, (int(memory_budget) - ws_bytes) // per_pair)
     if batch_pairs is not None:
         batch = int(batch_pairs)
-    X3 = X.reshape(n, P, C)
-    Y3 = Y.reshape(m_, P, C)
-    VX2 = VX.reshape(n, P)
-    VY2 = VY.reshape(m_, P)
     n_pairs = pi.shape[0]
     ntk_v = np.empty(n_pairs)
     nngp_v = np.empty(n_pairs)
     res_v = np.empty(n_pairs)
     its_v = np.empty(n_pairs)
-    inv_norm = 1.0 / P if spec.readout == "flatten" else 1.0 / (P * P)
+    inputs = _task_inputs(spec, X, Y, VX, VY, n_nodes)
     for b0 in range(0, n_pairs, batch):
         b1 = min(b0 + batch, n_pairs)
-        out = np.empty(((b1 - b0) * n_off, 5))
-        offset_tasks(
-            act,
-            quad,
-            nodes,
-            weights,
-            spec.sigma_w2,
-            spec.sigma_u2,
-            spec.sigma_b2,
-            H,
-            W,
-            r,
-            X3,
-            Y3,
-            VX2,
-            VY2,
-            pi[b0:b1],
-            pj[b0:b1],
-            d1s,
-            d2s,
-            float(tol),
-            int(max_iter),
-            int(history),
-            _SOLVERS.index(solver),
-            out,
-        )
-        reduce_pairs(out, n_off, inv_norm, ntk_v[b0:b1], nngp_v[b0:b1], res_v[b0:b1], its_v[b0:b1])
+        out = slice_tasks(
+            inputs, plan, pi[b0:b1], pj[b0:b1], tol=tol, max_iter=max_iter, history=history,
+            method=method,
+        )  # fmt: skip
+        reduce_pairs(out, n_off, plan[4], ntk_v[b0:b1], nngp_v[b0:b1], res_v[b0:b1], its_v[b0:b1])
     ntk = np.empty((n, m_))
     nngp = np.empty((n, m_))
     res = np.empty((n, m_))
@@ -309,12 +461,4 @@ def conv_kernel(
         ntk[pj, pi] = ntk_v
         nngp[pj, pi] = nngp_v
         res[pj, pi] = res_v
-    failed = ~(np.isfinite(res) & np.isfinite(ntk) & np.isfinite(nngp))
-    raise_failures(
-        failed,
-        f"{spec.activation} CDEQ kernel ({spec.readout})",
-        " (the fixed point may not exist for these parameters: try a smaller sigma_w2)",
-    )
-    return KernelResult(
-        ntk=ntk, nngp=nngp, max_residual=float(res.max()), iterations=int(its_v.max())
-    )
+    return ntk, nngp, res, int(its_v.max())

@@ -1,8 +1,10 @@
-"""Compiled per-slice solvers of the CDEQ-NTK (see :mod:`deqntk_dist.kernels.conv`).
+"""Robust per-slice solvers of the CDEQ-NTK and the per-image self-covariances.
 
-Everything here works on one offset slice of one image pair (or one image for the
-self-covariances) with loops over its pixels in a fixed order, so that results are bitwise
-independent of the tile, the batch and the thread count.
+Float64 Newton-CG with an Anderson fallback, Anderson, and the plain layer recursion (the
+benchmarks' reference) on one offset slice of one image pair; the fast Newton-Chebyshev
+solver of :mod:`.conv_slices` hands them any slice it cannot solve.  Every loop runs over
+the pixels of one slice in a fixed order, so results are bitwise independent of the tile,
+the batch and the thread count.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 
 from .duals import k1k0
 
-__all__ = ["WORKSPACE_ROWS", "offset_tasks", "reduce_pairs", "self_covariances"]
+__all__ = ["WORKSPACE_ROWS", "reduce_pairs", "self_covariances"]
 
 _PI = math.pi
 _HALF_PI = 0.5 * math.pi
@@ -548,85 +550,6 @@ def _identical(Xa, Yb, va, vb):
             if Xa[p, c] != Yb[p, c]:
                 return False
     return True
-
-
-@nb.njit(cache=True, parallel=True, error_model="numpy")
-def offset_tasks(
-    act,
-    use_quad,
-    nodes,
-    weights,
-    sw2,
-    su2,
-    sb2,
-    H,
-    W,
-    r,
-    X,
-    Y,
-    VX,
-    VY,
-    pi,
-    pj,
-    d1s,
-    d2s,
-    tol,
-    max_iter,
-    m,
-    method,
-    out,
-):
-    """prange over (pair, offset) tasks: ``out[t] = (sum Theta, sum Sigma, res, its_s, its_t)``.
-
-    X, Y: (n, H*W, C); VX, VY: (n, H*W) self-covariances; task ``t`` is the pair
-    ``(pi[t // n_off], pj[t // n_off])`` at offset ``(d1s[t % n_off], d2s[t % n_off])``.
-    """
-    n_tasks = out.shape[0]
-    n_off = d1s.shape[0]
-    C = X.shape[2]
-    P = H * W
-    mm = max(m, 1)
-    # workspaces are allocated once per chunk of tasks; every array a solve reads is written
-    # by that solve first, so the chunking cannot change any bits
-    n_chunks = min(n_tasks, 256)
-    for c in nb.prange(n_chunks):
-        ws = np.empty((_W_FIXED, P + 2 * r * H))
-        dF = np.empty((mm, P))
-        dG = np.empty((mm, P))
-        gram = np.zeros((mm, mm))
-        small = np.empty((mm + 2, mm))
-        for t in range(c, n_tasks, n_chunks):
-            a = pi[t // n_off]
-            b = pj[t // n_off]
-            o = t % n_off
-            h, w = _load_slice(X[a], Y[b], VX[a], VY[b], d1s[o], d2s[o], H, W, C, r, su2, sb2, ws)
-            if method == 2:
-                _plain_slice(
-                    act, use_quad, nodes, weights, sw2, h, w, r, ws, tol, max_iter, out[t]
-                )
-                continue
-            same = d1s[o] == 0 and d2s[o] == 0 and _identical(X[a], Y[b], VX[a], VY[b])
-            _solve_slice(
-                act,
-                use_quad,
-                nodes,
-                weights,
-                sw2,
-                h,
-                w,
-                r,
-                ws,
-                dF,
-                dG,
-                gram,
-                small,
-                tol,
-                max_iter,
-                m,
-                method == 0,
-                same,
-                out[t],
-            )
 
 
 @nb.njit(cache=True, error_model="numpy")

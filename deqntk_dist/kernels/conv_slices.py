@@ -1,0 +1,688 @@
+"""Fast offset-slice solver of the CDEQ-NTK: Newton-Chebyshev in mixed precision.
+
+One call solves ``Sigma*`` and ``Theta*`` on one offset slice of one image pair (see
+:mod:`deqntk_dist.kernels.conv`) and returns their weighted sums (the readout).
+
+Method
+------
+* ``Sigma* = F(Sigma*)``, ``F(S) = sw2 M k1(S) + kb``, by inexact Newton.  The Jacobian
+  ``J = I - sw2 M diag(k0)`` (``k0 >= 0``) is similar to the symmetric ``I - sw2 D M D``
+  (``D = diag(sqrt(k0))``), so its spectrum is real and lies in
+  ``[1 - sw2 kmax mu_max, 1 - sw2 kmax mu_min]``, with ``kmax = max k0`` and ``mu`` the
+  extreme eigenvalues of the zero-padded box mean ``M`` on the slice (exact, from the 1-D
+  factors).  Each Newton system is solved by Chebyshev iteration on those bounds: a fixed
+  number of steps for the accuracy asked (no inner products, one fused pass per step).
+* Precision: the early Newton steps evaluate the dual maps and residuals in float32 (the
+  errors they leave are removed by the later ones); from a relative residual of about
+  ``1e-5`` on, dual maps and residuals are float64; every inner Chebyshev solve is float32
+  (inexact Newton needs only a few digits per step).
+* ``Theta* = Sigma* + sw2 M (k0 Theta*)`` is linear: float32 Chebyshev solves refined by
+  float64 residuals (iterative refinement) until the float64 residual is below ``tol``.
+* Anything unexpected (non-ReLU ``k0 < 0``, an empty spectral interval, no progress) makes
+  the caller fall back to the robust solver of :mod:`.conv_solve` for that slice.
+
+Layout
+------
+A slice of ``h x w`` pixels and box radius ``r`` is stored flat and row-major with ``r``
+zero rows above and below, ``r`` pad columns on each side (row stride ``wp = w + 2r``) and
+``r`` spare entries at each end.  Passes run over whole padded rows (the *band* of interior
+rows), so every loop is one contiguous unsigned-index loop that LLVM vectorises.  Pad
+columns may hold finite garbage: the mask (1 inside, 0 on pads) removes it wherever it
+could reach the interior, and the arrays a box mean reads are zero there.
+
+Bitwise reproducibility: a slice's operations depend only on its two images (and their
+self-covariances): fixed loop orders, no reassociation, iteration counts from the slice's
+own residuals.  The float32 / float64 arithmetic is IEEE, so the bits are the same on any
+x86-64 or ARM machine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from .conv_solve import (
+    _W_TH,
+    _W_X,
+    WORKSPACE_ROWS,
+    _identical,
+    _load_slice,
+    _plain_slice,
+    _solve_slice,
+)
+from .duals import k1k0
+
+__all__ = ["box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
+
+_U = np.uint64
+_F = np.float32
+_U0, _U1, _U2, _U4 = _U(0), _U(1), _U(2), _U(4)
+
+# fdlibm asin rational approximation (see conv_solve): asin(z) = z + z R(z^2), |z| <= 0.5
+_PS = (
+    1.66666666666666657415e-01,
+    -3.25565818622400915405e-01,
+    2.01212532134862925881e-01,
+    -4.00555345006794114027e-02,
+    7.91534994289814532176e-04,
+    3.47933107596021167570e-05,
+)
+_QS = (-2.40339491173441421878e00, 2.02094576023350569471e00, -6.88283971605453293030e-01,
+       7.70381505559019352791e-02)  # fmt: skip
+_P0, _P1, _P2, _P3, _P4, _P5 = _PS
+_Q1, _Q2, _Q3, _Q4 = _QS
+# cos(phi) = sum_k (-1)^k phi^2k / (2k)!, |phi| <= pi/6: 9 terms reach 1e-18
+_C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8 = ((-1.0) ** k / math.factorial(2 * k) for k in range(1, 9))
+_PI = math.pi
+_HALF_PI = 0.5 * math.pi
+_INV_2PI = 1.0 / (2.0 * math.pi)
+# float32 versions (single-precision constants keep the float32 passes in float32); the
+# asin rational is fdlibm's single-precision one (e_asinf.c), good to ~1e-7
+_P0f, _P1f, _P2f = _F(1.6666586697e-01), _F(-4.2743422091e-02), _F(-8.6563630030e-03)
+_Q1f = _F(-7.0662963390e-01)
+_C1f, _C2f, _C3f, _C4f, _C5f = (_F(v) for v in (_C1, _C2, _C3, _C4, _C5))
+_PIf, _HALF_PIf, _INV_2PIf = _F(_PI), _F(_HALF_PI), _F(_INV_2PI)
+_ZEROf, _HALFf, _ONEf, _TWOf, _MONEf = _F(0.0), _F(0.5), _F(1.0), _F(2.0), _F(-1.0)
+
+#: Relative residual of a float32 evaluation after whose Newton step the evaluations are
+#: float64 (that step lands at ~1e-5 .. 1e-7, near the float32 floor).
+SWITCH_F64 = 3e-3
+#: Smallest relative accuracy asked of one float32 Chebyshev solve.
+ETA_MIN = 1e-5
+#: Largest number of Newton steps (float32 + float64) and of refinement rounds for Theta.
+MAX_NEWTON = 40
+MAX_ROUNDS = 12
+
+# rows of the float64 workspace
+(_MSK, _S, _INVS, _KB, _X, _K1, _K0, _G, _F64, _TH, _T64, _VS64, _VX, _VY, _KXY) = range(15)
+#: Rows of the float64 workspace (each of :func:`slice_length` entries).
+ROWS64 = 15
+# rows of the float32 workspace
+(_MSKf, _Sf, _INVSf, _KBf, _Xf, _K1f, _K0f, _Gf, _Ff, _XA, _XB, _TA, _TB, _VSf) = range(14)
+#: Rows of the float32 workspace.
+ROWS32 = 14
+
+
+@nb.njit(cache=True)
+def slice_length(H: int, W: int, r: int) -> int:
+    """Workspace row length for slices of an ``H x W`` image with box radius ``r``."""
+    return (H + 2 * r) * (W + 2 * r) + 2 * r
+
+
+def box_eigen_bounds(n_max: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Extreme eigenvalues of the 1-D zero-padded box mean of width ``2r+1``.
+
+    Returns
+    -------
+    lo, hi : ndarray, shape (n_max + 1,)
+        ``lo[n]``, ``hi[n]`` for a line of ``n`` pixels (the divisor is ``2r+1`` per
+        dimension, so the 2-D box mean on ``h x w`` is the Kronecker product of two of
+        them); slightly widened so that rounding never puts an eigenvalue outside.
+    """
+    lo = np.zeros(n_max + 1)
+    hi = np.zeros(n_max + 1)
+    for n in range(1, n_max + 1):
+        idx = np.arange(n)
+        A = (np.abs(idx[:, None] - idx[None, :]) <= r) / (2.0 * r + 1.0)
+        ev = np.linalg.eigvalsh(A)
+        lo[n] = ev[0] - 1e-12
+        hi[n] = ev[-1] + 1e-12
+    return lo, hi
+
+
+# ------------------------------------------------------------------------- dual maps
+@nb.njit(cache=True, error_model="numpy")
+def _relu64(x, s, inv_s, k1, k0, b0, n, divide):
+    """ReLU dual maps at covariances ``x`` (band ``[b0, b0+n)``); ``s = 0`` on pads.
+
+    One square root and one division per pixel: ``phi = asin(z)`` by the fdlibm rational,
+    ``sin(theta)`` as ``cos(phi)`` (or ``2 z cos(phi)``) by its Taylor polynomial.
+    ``divide`` computes the correlation as ``x / s`` (identical images: exactly 1).
+    """
+    for kk in range(n):
+        p = b0 + kk
+        sp = s[p]
+        pos = sp > 0.0
+        if divide:
+            q = x[p] / sp if pos else 0.0
+        else:
+            q = x[p] * inv_s[p]
+        rho = min(max(q, -1.0), 1.0)
+        a = abs(rho)
+        small = a < 0.5
+        t = rho * rho if small else 0.5 * (1.0 - a)
+        num = t * (_P0 + t * (_P1 + t * (_P2 + t * (_P3 + t * (_P4 + t * _P5)))))
+        den = 1.0 + t * (_Q1 + t * (_Q2 + t * (_Q3 + t * _Q4)))
+        R = num / den
+        z = rho if small else math.sqrt(t)
+        phi = z + z * R
+        u = phi * phi
+        c = 1.0 + u * (_C1 + u * (_C2 + u * (_C3 + u * (_C4 + u * (_C5 + u * (_C6 + u * (
+            _C7 + u * _C8)))))))  # fmt: skip
+        sn = c if small else 2.0 * z * c
+        two_phi = phi + phi
+        pm = _HALF_PI + phi if small else (_PI - two_phi if rho > 0.0 else two_phi)
+        kq = pm * _INV_2PI
+        k0[p] = kq if pos else 0.0
+        k1[p] = sp * (sn * _INV_2PI + kq * rho)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _relu32(x, s, inv_s, k1, k0, b0, n):
+    """:func:`_relu64` in float32 (early Newton steps)."""
+    for kk in range(n):
+        p = b0 + kk
+        sp = s[p]
+        rho = min(max(x[p] * inv_s[p], _MONEf), _ONEf)
+        a = abs(rho)
+        small = a < _HALFf
+        t = rho * rho if small else _HALFf * (_ONEf - a)
+        R = t * (_P0f + t * (_P1f + t * _P2f)) / (_ONEf + t * _Q1f)
+        z = rho if small else np.sqrt(t)
+        phi = z + z * R
+        u = phi * phi
+        c = _ONEf + u * (_C1f + u * (_C2f + u * (_C3f + u * (_C4f + u * _C5f))))
+        sn = c if small else _TWOf * z * c
+        two_phi = phi + phi
+        pm = _HALF_PIf + phi if small else (_PIf - two_phi if rho > _ZEROf else two_phi)
+        kq = pm * _INV_2PIf
+        k0[p] = kq if sp > _ZEROf else _ZEROf
+        k1[p] = sp * (sn * _INV_2PIf + kq * rho)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
+    for kk in range(n):
+        p = b0 + kk
+        if msk[p] != 0.0:
+            k1[p], k0[p] = k1k0(act, use_quad, vx[p], vy[p], x[p], nodes, weights)
+        else:
+            k1[p] = 0.0
+            k0[p] = 0.0
+
+
+# ------------------------------------------------------------------- band primitives
+@nb.njit(cache=True, error_model="numpy")
+def _box(src, dst, vs, b0, n, wp, r, inv_q):
+    """``dst = M src`` on the band: ``2r+1`` rows summed, then ``2r+1`` columns, in order.
+
+    ``src`` must be zero on the pad rows and pad columns; ``dst`` holds garbage on the pad
+    columns of the band.
+    """
+    lo = b0 - r
+    m = n + r + r
+    top = lo - r * wp
+    if r == 1:
+        for k in range(m):
+            vs[lo + k] = (src[top + k] + src[lo + k]) + src[lo + wp + k]
+        for k in range(n):
+            dst[b0 + k] = ((vs[lo + k] + vs[b0 + k]) + vs[b0 + _U1 + k]) * inv_q
+        return
+    for k in range(m):
+        vs[lo + k] = src[top + k]
+    for a in range(_U1, r + r + _U1):
+        off = top + a * wp
+        for k in range(m):
+            vs[lo + k] += src[off + k]
+    for k in range(n):
+        dst[b0 + k] = vs[lo + k]
+    for b in range(_U1, r + r + _U1):
+        off = lo + b
+        for k in range(n):
+            dst[b0 + k] += vs[off + k]
+    for k in range(n):
+        dst[b0 + k] *= inv_q
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _amax(a, b0, n):
+    """max |a| over the band (four accumulators; max is exact in any order)."""
+    m0 = m1 = m2 = m3 = 0.0
+    n4 = n - n % _U4
+    for k in range(_U0, n4, _U4):
+        p = b0 + k
+        m0 = max(m0, abs(a[p]))
+        m1 = max(m1, abs(a[p + _U1]))
+        m2 = max(m2, abs(a[p + _U2]))
+        m3 = max(m3, abs(a[p + _U2 + _U1]))
+    for k in range(n4, n):
+        m0 = max(m0, abs(a[b0 + k]))
+    return max(max(m0, m1), max(m2, m3))
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _residual(F, G, kb, x, msk, sw2, b0, n):
+    """``F = msk ((sw2 G + kb) - x)``: the fixed-point residual ``F(x) - x`` (any dtype)."""
+    for k in range(n):
+        p = b0 + k
+        F[p] = msk[p] * ((sw2 * G[p] + kb[p]) - x[p])
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _to32(src, dst, b0, n):
+    for k in range(n):
+        dst[b0 + k] = np.float32(src[b0 + k])
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _add_masked(x, d, msk, b0, n):
+    """``x += msk * d`` (float64 ``x``, float32 ``d``)."""
+    for k in range(n):
+        p = b0 + k
+        x[p] += msk[p] * np.float64(d[p])
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _cheb_steps(eta, lo, hi):
+    """Chebyshev steps that reduce the error by ``eta`` on the spectrum ``[lo, hi]``."""
+    if hi - lo <= 1e-12 * hi:
+        return 1
+    sigma = (hi + lo) / (hi - lo)
+    return max(1, int(math.ceil(math.acosh(1.0 / eta) / math.acosh(sigma))))
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, hi):
+    """Solve ``(I - sw2 M diag(k0)) x = b`` (float32) by ``steps`` Chebyshev steps from 0.
+
+    Three-term recurrence on the true residual ``b - J x_k`` (Saad, Alg. 12.1); the box
+    inputs ``t = k0 x`` are kept for the next step.  ``ta``/``tb`` must be zero on the pad
+    rows.  Returns the array (``xa`` or ``xb``) that holds the solution.
+    """
+    for k in range(n):
+        xa[b0 + k] = _ZEROf
+        xb[b0 + k] = _ZEROf
+        ta[b0 + k] = _ZEROf
+    theta = 0.5 * (hi + lo)
+    delta = 0.5 * (hi - lo)
+    sigma = theta / delta if delta > 0.0 else 1e300
+    rho_old = 0.0
+    cur_x, old_x, cur_t, new_t = xa, xb, ta, tb
+    c = np.float32(sw2 * inv_q) if r == 1 else np.float32(sw2)
+    lo_b = b0 - r
+    top = lo_b - r * wp
+    for it in range(steps):
+        if it == 0:
+            rho = 1.0 / sigma
+            c1 = _ZEROf
+            c2 = np.float32(1.0 / theta)
+        else:
+            rho = 1.0 / (2.0 * sigma - rho_old)
+            c1 = np.float32(rho * rho_old)
+            c2 = np.float32(2.0 * rho / delta)
+        if r == 1:
+            for k in range(n + _U2):
+                vs[lo_b + k] = (cur_t[top + k] + cur_t[lo_b + k]) + cur_t[lo_b + wp + k]
+            for k in range(n):
+                p = b0 + k
+                q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
+                xk = cur_x[p]
+                res = b[p] - (xk - c * q)
+                xn = xk + c1 * (xk - old_x[p]) + c2 * res
+                old_x[p] = xn
+                new_t[p] = k0[p] * xn
+        else:
+            _box(cur_t, new_t, vs, b0, n, wp, r, _ONEf)  # new_t <- M t (then overwritten)
+            for k in range(n):
+                p = b0 + k
+                xk = cur_x[p]
+                res = b[p] - (xk - c * (new_t[p] * np.float32(inv_q)))
+                xn = xk + c1 * (xk - old_x[p]) + c2 * res
+                old_x[p] = xn
+                new_t[p] = k0[p] * xn
+        rho_old = rho
+        cur_x, old_x = old_x, cur_x
+        cur_t, new_t = new_t, cur_t
+    return cur_x
+
+
+# --------------------------------------------------------------------------- a slice
+@nb.njit(cache=True, error_model="numpy")
+def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same, w64,
+          w32):  # fmt: skip
+    """Fill the slice inputs (mask, s, 1/s, kb, self-covariances) for offset (d1, d2).
+
+    ``sxi``/``isxi`` are ``sqrt(v)`` / ``1/sqrt(v)`` of the image's self-covariances (0 where
+    ``v = 0``), so ``s = sqrt(vx vy)`` and ``1/s`` are products.  Returns ``(h, w, scale)``
+    with ``scale = max(s, |kb|)`` over the slice.
+    """
+    a0 = max(0, -d1)
+    c0 = max(0, -d2)
+    h = H - abs(d1)
+    w = W - abs(d2)
+    ru = _U(r)
+    wu = _U(w)
+    wp = wu + ru + ru
+    b0 = ru + ru * wp
+    n = _U(h) * wp
+    N = b0 + n + ru * wp + ru
+    msk, s, inv_s, kxy = w64[_MSK], w64[_S], w64[_INVS], w64[_KXY]
+    vx, vy = w64[_VX], w64[_VY]
+    for k in range(N):
+        msk[k] = 0.0
+        s[k] = 0.0
+        inv_s[k] = 0.0
+        kxy[k] = 0.0
+        vx[k] = 0.0
+        vy[k] = 0.0
+    inv_c = 1.0 / C
+    for u in range(h):
+        base = b0 + _U(u) * wp + ru
+        xi0 = _U((a0 + u) * W + c0)
+        yj0 = _U((a0 + d1 + u) * W + c0 + d2)
+        for v in range(wu):
+            p = base + v
+            i = xi0 + v
+            j = yj0 + v
+            acc = 0.0
+            for ch in range(C):
+                acc += Xi[i, ch] * Yj[j, ch]
+            kxy[p] = acc * inv_c
+            msk[p] = 1.0
+            vx[p] = vxi[i]
+            vy[p] = vyj[j]
+            s[p] = sxi[i] * syj[j]
+            inv_s[p] = isxi[i] * isyj[j]
+        if same:  # s = v exactly, so that x = s gives correlation 1
+            for v in range(wu):
+                p = base + v
+                s[p] = vx[p]
+                inv_s[p] = 1.0 / vx[p] if vx[p] > 0.0 else 0.0
+    kb = w64[_KB]
+    _box(kxy, kb, w64[_VS64], b0, n, wp, ru, 1.0 / ((2 * r + 1) * (2 * r + 1)))
+    for k in range(n):
+        p = b0 + k
+        kb[p] = msk[p] * (su2 * kb[p] + sb2)
+    scale = max(max(_amax(s, b0, n), _amax(kb, b0, n)), 1e-300)
+    for src, dst in ((_MSK, _MSKf), (_S, _Sf), (_INVS, _INVSf), (_KB, _KBf)):
+        _to32(w64[src], w32[dst], b0, n)
+    # box inputs must be zero on the pad rows
+    for row in (w64[_K1], w64[_T64]):
+        for k in range(b0):
+            row[k] = 0.0
+        for k in range(b0 + n, N):
+            row[k] = 0.0
+    for row in (w32[_K1f], w32[_TA], w32[_TB]):
+        for k in range(b0):
+            row[k] = _ZEROf
+        for k in range(b0 + n, N):
+            row[k] = _ZEROf
+    return h, w, scale
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n):
+    """Pointwise start ``x = s rho(kb / s)``: the ReLU fixed point with ``M`` taken as the
+    identity (exact where the slice is locally uniform, e.g. blank backgrounds).
+
+    ``table`` holds ``rho`` at ``u = sqrt(t_max - t)`` on a uniform grid (linear
+    interpolation: only a starting point).
+    """
+    last = table.shape[0] - 2
+    for kk in range(n):
+        p = b0 + kk
+        gap = max(t_max - kb[p] * inv_s[p], 0.0)
+        u = math.sqrt(gap) * inv_step
+        k = min(int(u), last)
+        f = min(u - k, 1.0)
+        x[p] = s[p] * (table[k] + f * (table[k + 1] - table[k]))
+
+
+@nb.njit(cache=True, error_model="numpy")
+def fast_slice(
+    act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj,
+    d1, d2, H, W, C, r, wr, wc, same, tol, mu_lo, mu_hi, table, t_max, inv_step, w64, w32,
+    out,
+):  # fmt: skip
+    """Sigma* and Theta* on one offset slice; ``out = (sum w Theta, sum w Sigma, residual,
+    nonlinear evaluations, Chebyshev steps)`` with the separable readout weights
+    ``wr[i] wc[j]``.  Returns False when the slice must go to the robust solver.
+    """
+    h, w, scale = _load(
+        Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same, w64, w32
+    )
+    ru = _U(r)
+    wp = _U(w) + ru + ru
+    b0 = ru + ru * wp
+    n = _U(h) * wp
+    inv_q = 1.0 / ((2 * r + 1) * (2 * r + 1))
+    inv_qf = np.float32(inv_q)
+    sw2f = np.float32(sw2)
+    relu = act == 0 and not use_quad
+    # spectrum of the 2-D box mean on this slice
+    m_hi = max(mu_hi[h] * mu_hi[w], mu_lo[h] * mu_lo[w])
+    m_lo = min(mu_lo[h] * mu_hi[w], mu_hi[h] * mu_lo[w])
+    msk, s, inv_s, kb, x = w64[_MSK], w64[_S], w64[_INVS], w64[_KB], w64[_X]
+    k1, k0, G, F = w64[_K1], w64[_K0], w64[_G], w64[_F64]
+    vs64 = w64[_VS64]
+    mskf, sf, inv_sf, kbf, xf = w32[_MSKf], w32[_Sf], w32[_INVSf], w32[_KBf], w32[_Xf]
+    k1f, k0f, Gf, Ff = w32[_K1f], w32[_K0f], w32[_Gf], w32[_Ff]
+    xa, xb, ta, tb, vsf = w32[_XA], w32[_XB], w32[_TA], w32[_TB], w32[_VSf]
+    vx = w64[_VX]
+    if same:
+        for k in range(n):
+            x[b0 + k] = vx[b0 + k]
+    elif relu:
+        _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n)
+    else:
+        for k in range(n):
+            x[b0 + k] = kb[b0 + k]
+    evals = 0
+    steps = 0
+    # ---- Newton, float32 evaluations while the residual is large (ReLU)
+    prev = math.inf
+    if relu and not same:
+        while evals < MAX_NEWTON:
+            _to32(x, xf, b0, n)
+            _relu32(xf, sf, inv_sf, k1f, k0f, b0, n)
+            _box(k1f, Gf, vsf, b0, n, wp, ru, inv_qf)
+            _residual(Ff, Gf, kbf, xf, mskf, sw2f, b0, n)
+            evals += 1
+            rel = np.float64(_amax(Ff, b0, n)) / scale
+            if not math.isfinite(rel):
+                return False
+            if rel > 0.5 * prev:
+                break  # float32 no longer helps: evaluate in float64
+            prev = rel
+            kmax = np.float64(_amax(k0f, b0, n))
+            lo = 1.0 - sw2 * kmax * m_hi
+            hi = 1.0 - sw2 * kmax * m_lo
+            if not lo > 0.0:
+                return False
+            eta = min(0.1, max(ETA_MIN, rel))
+            m = _cheb_steps(eta, lo, hi)
+            d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
+            steps += m
+            _add_masked(x, d, msk, b0, n)
+            if rel <= SWITCH_F64:
+                break
+    # ---- Newton, float64 evaluations
+    prev = math.inf
+    res_s = math.inf
+    while True:
+        if relu:
+            _relu64(x, s, inv_s, k1, k0, b0, n, same)
+        else:
+            _generic64(act, use_quad, nodes, weights, msk, vx, w64[_VY], x, k1, k0, b0, n)
+        _box(k1, G, vs64, b0, n, wp, ru, inv_q)
+        _residual(F, G, kb, x, msk, sw2, b0, n)
+        evals += 1
+        rel = _amax(F, b0, n) / scale
+        if not math.isfinite(rel):
+            return False
+        if rel <= tol:
+            res_s = rel
+            break
+        if rel > 0.5 * prev or evals >= MAX_NEWTON:
+            return False
+        prev = rel
+        kmin = 0.0
+        for kk in range(n):
+            kmin = min(kmin, k0[b0 + kk])
+        if kmin < 0.0:
+            return False  # indefinite Jacobian: Anderson in the robust solver
+        kmax = _amax(k0, b0, n)
+        lo = 1.0 - sw2 * kmax * m_hi
+        hi = 1.0 - sw2 * kmax * m_lo
+        if not lo > 0.0:
+            return False
+        eta = min(0.1, max(ETA_MIN, 0.3 * tol / rel, rel))
+        m = _cheb_steps(eta, lo, hi)
+        _to32(F, Ff, b0, n)
+        _to32(k0, k0f, b0, n)
+        d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
+        steps += m
+        _add_masked(x, d, msk, b0, n)
+    # ---- Theta*: float32 Chebyshev refined by float64 residuals; k0 is at Sigma*
+    kmin = 0.0
+    for kk in range(n):
+        kmin = min(kmin, k0[b0 + kk])
+    if kmin < 0.0:
+        return False
+    kmax = _amax(k0, b0, n)
+    lo = 1.0 - sw2 * kmax * m_hi
+    hi = 1.0 - sw2 * kmax * m_lo
+    if not lo > 0.0:
+        return False
+    th, t64 = w64[_TH], w64[_T64]
+    _to32(k0, k0f, b0, n)
+    _to32(x, Ff, b0, n)
+    m = _cheb_steps(ETA_MIN, lo, hi)
+    d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
+    steps += m
+    for kk in range(n):
+        p = b0 + kk
+        th[p] = msk[p] * np.float64(d[p])
+    prev = math.inf
+    res_t = math.inf
+    for _ in range(MAX_ROUNDS):
+        for kk in range(n):
+            p = b0 + kk
+            t64[p] = k0[p] * th[p]
+        _box(t64, G, vs64, b0, n, wp, ru, inv_q)
+        for kk in range(n):
+            p = b0 + kk
+            F[p] = msk[p] * (x[p] - (th[p] - sw2 * G[p]))
+        rel = _amax(F, b0, n) / max(_amax(th, b0, n), 1e-300)
+        if not math.isfinite(rel):
+            return False
+        if rel <= tol:
+            res_t = rel
+            break
+        if rel > 0.5 * prev:
+            return False
+        prev = rel
+        m = _cheb_steps(min(0.1, max(ETA_MIN, 0.3 * tol / rel)), lo, hi)
+        _to32(F, Ff, b0, n)
+        d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
+        steps += m
+        _add_masked(th, d, msk, b0, n)
+    if not res_t <= tol:
+        return False
+    st = 0.0
+    ss = 0.0
+    for u in range(h):
+        base = b0 + _U(u) * wp + ru
+        rt = 0.0
+        rs = 0.0
+        for v in range(w):
+            rt += wc[v] * th[base + _U(v)]
+            rs += wc[v] * x[base + _U(v)]
+        st += wr[u] * rt
+        ss += wr[u] * rs
+    out[0] = st
+    out[1] = ss
+    out[2] = max(res_s, res_t)
+    out[3] = evals
+    out[4] = steps
+    return True
+
+
+# ------------------------------------------------------------------ tasks of a tile
+@nb.njit(cache=True, error_model="numpy")
+def _robust_slice(
+    act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, d1, d2, H, W, C, r,
+    wr, wc, same, tol, max_iter, m, method, ws, dF, dG, gram, small, out,
+):  # fmt: skip
+    """The previous per-slice solvers (Newton-CG / Anderson / plain iteration) with the
+    readout weights applied to the Theta* and Sigma* they leave in ``ws``."""
+    h, w = _load_slice(Xi, Yj, vxi, vyj, d1, d2, H, W, C, r, su2, sb2, ws)
+    if method == 2:
+        _plain_slice(act, use_quad, nodes, weights, sw2, h, w, r, ws, tol, max_iter, out)
+    else:
+        _solve_slice(
+            act, use_quad, nodes, weights, sw2, h, w, r, ws, dF, dG, gram, small, tol,
+            max_iter, m, method != 1, same, out,
+        )  # fmt: skip
+    th, x = ws[_W_TH], ws[_W_X]
+    st = 0.0
+    ss = 0.0
+    for u in range(h):
+        rt = 0.0
+        rs = 0.0
+        for v in range(w):
+            rt += wc[v] * th[u * w + v]
+            rs += wc[v] * x[u * w + v]
+        st += wr[u] * rt
+        ss += wr[u] * rs
+    out[0] = st
+    out[1] = ss
+
+
+@nb.njit(cache=True, parallel=True, error_model="numpy")
+def pair_tasks(
+    act, use_quad, nodes, weights, sw2, su2, sb2, H, W, r, X, Y, VX, VY, SX, SY, ISX, ISY,
+    pi, pj, d1s, d2s, WR, WC, tol, max_iter, m, method, mu_lo, mu_hi, table, t_max, inv_step,
+    out,
+):  # fmt: skip
+    """prange over (pair, offset) tasks: ``out[t] = (sum w Theta, sum w Sigma, residual,
+    nonlinear evaluations, linear iterations, robust)``.
+
+    X, Y: (n, H*W, C); VX, VY: (n, H*W) self-covariances, SX, SY their square roots and
+    ISX, ISY the reciprocals of those (0 where v = 0); ``table``, ``t_max``, ``inv_step``:
+    the ReLU start (:func:`_initial`);
+    task ``t`` is the pair ``(pi[t // n_off], pj[t // n_off])`` at offset
+    ``(d1s[o], d2s[o])``, ``o = t % n_off``, read out with the weights ``WR[o, :h]`` (rows)
+    and ``WC[o, :w]`` (columns).  ``method``: 0 the Newton-Chebyshev solver of this module
+    (a slice it cannot solve goes to the robust one), 1 Anderson, 2 plain iteration,
+    3 the previous Newton-CG.
+    """
+    n_tasks = out.shape[0]
+    n_off = d1s.shape[0]
+    C = X.shape[2]
+    P = H * W
+    mm = max(m, 1)
+    L = slice_length(H, W, r)
+    n_chunks = min(n_tasks, 256)
+    for c in nb.prange(n_chunks):
+        # workspaces per chunk of tasks: every array a solve reads is written by it first
+        w64 = np.zeros((ROWS64, L))
+        w32 = np.zeros((ROWS32, L), dtype=np.float32)
+        ws = np.empty((WORKSPACE_ROWS, P + 2 * r * H))
+        dF = np.empty((mm, P))
+        dG = np.empty((mm, P))
+        gram = np.zeros((mm, mm))
+        small = np.empty((mm + 2, mm))
+        for t in range(c, n_tasks, n_chunks):
+            a = pi[t // n_off]
+            b = pj[t // n_off]
+            o = t % n_off
+            d1 = d1s[o]
+            d2 = d2s[o]
+            same = d1 == 0 and d2 == 0 and _identical(X[a], Y[b], VX[a], VY[b])
+            row = out[t]
+            row[5] = 0.0
+            if method == 0 and fast_slice(
+                act, use_quad, nodes, weights, sw2, su2, sb2, X[a], Y[b], VX[a], VY[b],
+                SX[a], SY[b], ISX[a], ISY[b], d1, d2, H, W, C, r, WR[o], WC[o], same, tol,
+                mu_lo, mu_hi, table, t_max, inv_step, w64, w32, row,
+            ):  # fmt: skip
+                continue
+            row[5] = 1.0 if method == 0 else 0.0
+            _robust_slice(
+                act, use_quad, nodes, weights, sw2, su2, sb2, X[a], Y[b], VX[a], VY[b], d1,
+                d2, H, W, C, r, WR[o], WC[o], same, tol, max_iter, m, method, ws, dF, dG,
+                gram, small, row,
+            )  # fmt: skip
