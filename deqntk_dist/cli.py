@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .errors import DeqntkError
+from .spec import READOUTS
 
 __all__ = ["main", "build_parser"]
 
@@ -35,14 +36,35 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter-size", type=int, default=3, help="CDEQ filter side (odd)")
     p.add_argument(
         "--readout",
-        choices=("flatten", "gap"),
+        choices=READOUTS,
         default="flatten",
-        help="CDEQ readout (default flatten)",
+        help="CDEQ readout: flatten, gap (global average pooling) or lap (local average "
+        "pooling, then flatten; default flatten)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help=f"odd lap window side (default {DEFAULT_POOL_SIZE}, from the validation sweep)",
+    )
+    p.add_argument(
+        "--hflip",
+        action="store_true",
+        help="horizontal-flip symmetrised kernel (K(x, y) + K(x, flip y)) / 2 (deq: on image "
+        "rows)",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="cdeq: relative fixed-point residual of every slice (default 1e-9 for float32 "
+        "stores, 1e-13 for float64)",
     )
 
 
 def spec_from_args(args: argparse.Namespace):
     """Build a DEQSpec / CDEQSpec from parsed ``_add_spec_arguments`` options."""
+    from .errors import InputError
     from .spec import CDEQSpec, DEQSpec
 
     defaults = DEFAULT_HYPERPARAMETERS[args.kernel]
@@ -51,12 +73,34 @@ def spec_from_args(args: argparse.Namespace):
         "sigma_u2": defaults["sigma_u2"] if args.sigma_u2 is None else args.sigma_u2,
         "sigma_b2": defaults["sigma_b2"] if args.sigma_b2 is None else args.sigma_b2,
         "activation": args.activation,
+        "hflip": args.hflip,
     }
     if args.kernel == "cdeq":
-        return CDEQSpec(**kw, filter_size=args.filter_size, readout=args.readout)
+        pool = args.pool_size
+        if args.readout == "lap" and pool is None:
+            pool = DEFAULT_POOL_SIZE
+        return CDEQSpec(**kw, filter_size=args.filter_size, readout=args.readout, pool_size=pool)
+    if args.pool_size is not None or args.readout != "flatten":
+        raise InputError(
+            "--readout and --pool-size apply to --kernel cdeq, got "
+            f"--readout {args.readout} --pool-size {args.pool_size} with --kernel deq"
+        )
     return DEQSpec(**kw)
 
 
+def options_from_args(args: argparse.Namespace) -> dict | None:
+    """Kernel options of ``compute`` / ``run`` (None: the store's, or the defaults)."""
+    from .errors import InputError
+
+    if args.tol is None:
+        return None
+    if args.kernel != "cdeq":
+        raise InputError(f"--tol applies to --kernel cdeq, got --tol {args.tol} with deq")
+    return {"tol": args.tol}
+
+
+#: Default lap window side (chosen by the validation sweep in the README).
+DEFAULT_POOL_SIZE = 5
 #: Default hyperparameters per kernel (chosen by the validation sweep in the README).
 DEFAULT_HYPERPARAMETERS = {
     "deq": {"sigma_w2": 1.0, "sigma_u2": 1.0, "sigma_b2": 0.1},
@@ -183,6 +227,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         kernels=args.what,
         tile=args.tile,
         dtype=args.dtype,
+        options=options_from_args(args),
         runtime=runtime,
         memory_budget=args.memory_budget,
         max_in_flight=args.max_in_flight,
@@ -415,7 +460,7 @@ def _add_prepare(sub) -> None:
         "--layout",
         choices=("flat", "image"),
         default="flat",
-        help="rows as vectors (deq kernel, default) or images H x W x C (cdeq)",
+        help="rows as vectors (deq kernel, default) or images H x W x C (cdeq, deq --hflip)",
     )
     p.set_defaults(func=_cmd_prepare)
 
@@ -479,7 +524,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     lambdas = _float_list("--lambdas", args.lambdas)
     spec = spec_from_args(args)
-    request = _request_from_args(args, "image" if args.kernel == "cdeq" else "flat")
+    request = _request_from_args(args, "image" if args.kernel == "cdeq" or args.hflip else "flat")
     runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
     report = run_pipeline(
         args.workdir,
@@ -491,6 +536,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         solve_method=args.solve_method,
         tile=args.tile,
         dtype=args.dtype,
+        options=options_from_args(args),
         runtime=runtime,
         memory_budget=args.memory_budget,
         overwrite=args.overwrite,

@@ -25,13 +25,14 @@ import numpy as np
 from . import errors
 from .dataset import DatasetStore, open_dataset_store
 from .errors import DeqntkError, InputError, StoreError, StoreMismatchError
-from .plan import choose_tile, tile_cap
+from .plan import cdeq_pair_seconds, choose_tile, tile_cap
 from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
 from .spec import CDEQSpec, DEQSpec
 from .store import (
     KERNEL_NAMES,
     AlignedBuffers,
     KernelStore,
+    check_dataset_shape,
     create_kernel_store,
     open_kernel_store,
 )
@@ -47,6 +48,8 @@ __all__ = [
 
 #: Default cap of the per-tile memory budget (bytes) when a worker has more memory.
 MAX_TILE_BUDGET = 2 * 2**30
+#: Slice tolerance of CDEQ stores whose options do not record one (written before it was).
+LEGACY_CDEQ_TOL = 1e-13
 
 
 # ----------------------------------------------------------------- per-chunk (worker) side
@@ -196,6 +199,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     Y = None if job.i == job.j else _rows(job.dataset, ks.dataset_fingerprint, *job.cols)
     kw = dict(job.options)
     if isinstance(ks.spec, CDEQSpec):
+        # stores made before the tolerance was recorded were computed at 1e-13
+        kw.setdefault("tol", LEGACY_CDEQ_TOL)
         kw["self_x"] = ks.self_covariance_rows(*job.rows)
         if Y is not None:
             kw["self_y"] = ks.self_covariance_rows(*job.cols)
@@ -421,6 +426,23 @@ def _run_jobs(client, fn, jobs, *, limit, retries, token, on_result):
     return failures
 
 
+def _store_options(spec, options, existing: KernelStore | None, dtype: str) -> dict:
+    """Kernel options of the store: as given, else the existing store's, else the defaults
+    (a CDEQ store records the slice tolerance its dtype needs)."""
+    if options is not None:
+        options = dict(options)
+        if isinstance(spec, DEQSpec) and "tol" in options:
+            raise InputError(f"tol applies to the cdeq kernel only, got options={options}")
+        return options
+    if existing is not None:
+        return dict(existing.options)
+    if isinstance(spec, CDEQSpec):
+        from .kernels.conv import DEFAULT_TOL, FLOAT32_TOL
+
+        return {"tol": FLOAT32_TOL if dtype == "float32" else DEFAULT_TOL}
+    return {}
+
+
 def _validate(spec, kernels, dtype, tile, max_in_flight, retries) -> None:
     if not isinstance(spec, DEQSpec | CDEQSpec):
         raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
@@ -475,7 +497,9 @@ def compute_kernel_store(
     dtype : {"float32", "float64"}, optional
         Store dtype (default: the existing store's, else float32).
     options : dict, optional
-        Extra keyword options for every tile's ``kernel_matrix`` call.
+        Extra keyword options for every tile's ``kernel_matrix`` call, part of the store's
+        identity (default: the existing store's; for a new CDEQ store ``{"tol": t}`` with
+        the slice tolerance of its dtype, 1e-9 for float32 and 1e-13 for float64).
     client : distributed.Client, optional
         Use this client; otherwise one is started from ``runtime`` and closed at the end.
     runtime : RuntimeConfig, optional
@@ -507,8 +531,12 @@ def compute_kernel_store(
     _validate(spec, kernels, dtype, tile, max_in_flight, retries)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     ds = dataset if isinstance(dataset, DatasetStore) else open_dataset_store(dataset)
+    check_dataset_shape(ds, spec)
     path = Path(store).absolute()
     existing = open_kernel_store(path) if path.exists() else None
+
+    dtype = dtype or (existing.dtype.name if existing else "float32")
+    options = _store_options(spec, options, existing, dtype)
 
     def make_store(tile: int) -> KernelStore:
         return create_kernel_store(
@@ -516,7 +544,7 @@ def compute_kernel_store(
             ds,
             spec,
             tile=tile,
-            dtype=dtype or (existing.dtype.name if existing else "float32"),
+            dtype=dtype,
             kernels=kernels or (existing.kernels if existing else KERNEL_NAMES),
             options=options,
         )
@@ -533,8 +561,9 @@ def compute_kernel_store(
             cap = tile_cap(
                 ds.n,
                 workers=max(1, summary["threads"]),
-                kernel=spec.kind,
-                readout=getattr(spec, "readout", "flatten"),
+                pair_seconds=cdeq_pair_seconds(spec, ds.feature_shape)
+                if isinstance(spec, CDEQSpec)
+                else None,
             )
             ks = make_store(choose_tile(ds.n, int(budget), max_side=cap))
         link = dashboard_link(cl)

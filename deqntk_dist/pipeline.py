@@ -236,8 +236,11 @@ def prepare_dataset(
 
 
 # ---------------------------------------------------------------------------------------- run
-def _kernel_store_state(path: Path, spec, dataset: DatasetStore, kernels, dtype) -> str:
-    """``absent``, ``complete``, ``partial`` or ``mismatch`` (other spec, data, kernels)."""
+def _kernel_store_state(
+    path: Path, spec, dataset: DatasetStore, kernels, dtype, options=None
+) -> str:
+    """``absent``, ``complete``, ``partial`` or ``mismatch`` (other spec, data, kernels,
+    dtype or kernel options)."""
     if not path.exists():
         return "absent"
     from .store import open_kernel_store
@@ -252,6 +255,7 @@ def _kernel_store_state(path: Path, spec, dataset: DatasetStore, kernels, dtype)
         or ks.dataset_fingerprint != dataset.fingerprint
         or (kernels is not None and not set(kernels) <= set(ks.kernels))
         or (dtype is not None and ks.dtype.name != dtype)
+        or (options is not None and ks.options != options)
     ):
         return "mismatch"
     return "complete" if ks.is_complete() else "partial"
@@ -310,6 +314,7 @@ def run_pipeline(
     solve_method: str = "auto",
     tile: int | None = None,
     dtype: str | None = None,
+    options: dict | None = None,
     runtime=None,
     client=None,
     memory_budget: int | None = None,
@@ -327,7 +332,7 @@ def run_pipeline(
         ``report.json``.
     request : PrepareRequest
         Dataset, subset sizes and preprocessing (``layout`` must fit the spec: ``flat`` for
-        a DEQSpec, ``image`` for a CDEQSpec).
+        a DEQSpec, ``image`` for a CDEQSpec or a DEQSpec with ``hflip``).
     spec : DEQSpec or CDEQSpec
     kernels : sequence of {"ntk", "nngp"}, optional
         Arrays of the kernel store (default: both).
@@ -338,7 +343,7 @@ def run_pipeline(
         chosen on a validation split of the training rows (one value: used as given).
     solve_method : {"auto", "cholesky", "cg"}
         Route of :func:`deqntk_dist.solve.solve_store`.
-    tile, dtype, runtime, client, memory_budget
+    tile, dtype, options, runtime, client, memory_budget
         Passed to :func:`deqntk_dist.compute.compute_kernel_store`.
     overwrite : bool
         Replace stored stages made with other parameters (and everything downstream).
@@ -361,11 +366,10 @@ def run_pipeline(
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not isinstance(spec, DEQSpec | CDEQSpec):
         raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
-    want_layout = "image" if isinstance(spec, CDEQSpec) else "flat"
+    want_layout = "image" if isinstance(spec, CDEQSpec) or spec.hflip else "flat"
     if request.layout != want_layout:
-        raise InputError(
-            f"layout must be {want_layout!r} for the {spec.kind} kernel, got {request.layout!r}"
-        )
+        what = f"the {spec.kind} kernel" + (" with hflip" if spec.hflip else "")
+        raise InputError(f"layout must be {want_layout!r} for {what}, got {request.layout!r}")
     if solve_kernel not in ("ntk", "nngp"):
         raise InputError(f"solve_kernel must be 'ntk' or 'nngp', got {solve_kernel!r}")
     if kernels is not None and solve_kernel not in kernels:
@@ -400,12 +404,13 @@ def run_pipeline(
     stages["prepare"] = {"seconds": round(prep.seconds, 3), "reused": prep.reused}
 
     # 2. compute
-    state = _kernel_store_state(paths["kernel_store"], spec, ds, kernels, dtype)
+    state = _kernel_store_state(paths["kernel_store"], spec, ds, kernels, dtype, options)
     if state == "mismatch":
         if not overwrite:
             raise StoreMismatchError(
                 f"kernel store {paths['kernel_store']} belongs to another spec, dataset, "
-                "kernels or dtype; pass --overwrite to recompute it or use another --workdir"
+                "kernels, dtype or tolerance; pass --overwrite to recompute it or use another "
+                "--workdir"
             )
         _remove(paths["kernel_store"])
         _remove(paths["solve_report"])
@@ -424,6 +429,7 @@ def run_pipeline(
             kernels=kernels,
             tile=tile,
             dtype=dtype,
+            options=options,
             client=client,
             runtime=runtime,
             memory_budget=memory_budget,
@@ -491,9 +497,13 @@ def format_report(report: dict[str, Any]) -> str:
     """The short human-readable report printed by ``deqntk run``."""
     k = report["kernel"]
     params = ", ".join(f"{n}={k[n]}" for n in ("sigma_w2", "sigma_u2", "sigma_b2") if n in k)
-    extra = (
-        f", filter_size={k['filter_size']}, readout={k['readout']}" if k["kind"] == "cdeq" else ""
-    )
+    extra = ""
+    if k["kind"] == "cdeq":
+        extra = f", filter_size={k['filter_size']}, readout={k['readout']}"
+        if k.get("readout") == "lap":
+            extra += f", pool_size={k['pool_size']}"
+    if k.get("hflip"):
+        extra += ", hflip"
     lines = [
         f"kernel:    {k['kind']} ({k.get('activation', 'relu')}, {params}{extra}); "
         f"regression on the {report['solve_kernel']}",

@@ -18,6 +18,8 @@ __all__ = [
     "TILES_PER_WORKER",
     "TILE_ALIGN",
     "TilePlan",
+    "cdeq_pair_seconds",
+    "cdeq_pixel_pairs",
     "choose_tile",
     "tile_cap",
 ]
@@ -31,6 +33,12 @@ DIAGONAL_COST = 0.6
 TILES_PER_WORKER = 8
 #: Tiles larger than this are rounded down to a multiple of it (the Gram GEMM block).
 TILE_ALIGN = 512
+#: Wall time a CDEQ tile should take on one core (a lost worker then loses minutes).
+TARGET_TILE_SECONDS = 600.0
+#: Measured CDEQ cost on one core (``scripts/bench_conv.py``, float32-store tolerance,
+#: sigma_w2 = 1.5, 28x28x1): seconds per pixel pair, and per offset slice on top.
+PIXEL_PAIR_SECONDS = 1.5e-7
+SLICE_SECONDS = 3e-6
 #: Peak worker bytes per tile entry: float64 Gram + ntk + nngp + residual scratch
 #: (4 x 8 bytes) plus the cast and transposed store copies of two kernels (4 x 4 bytes).
 BYTES_PER_TILE_ENTRY = 48
@@ -121,13 +129,41 @@ class TilePlan:
         return cls(n=int(data["n"]), tile=int(data["tile"]))
 
 
-def tile_cap(n: int, *, workers: int, kernel: str = "deq", readout: str = "flatten") -> int:
+def cdeq_pixel_pairs(readout: str, pool_size: int | None, H: int, W: int) -> tuple[int, int]:
+    """Pixel pairs and offset slices one CDEQ image pair solves for a readout.
+
+    flatten: the offset-0 slice (``HW`` pixel pairs); gap: every offset (``(HW)^2``); lap
+    with window ``c``: the offsets with ``|delta| <= c - 1`` per axis.
+    """
+    if readout == "flatten":
+        return H * W, 1
+    if readout == "gap":
+        return (H * W) ** 2, (2 * H - 1) * (2 * W - 1)
+    e1, e2 = min(pool_size - 1, H - 1), min(pool_size - 1, W - 1)
+    rows = sum(H - abs(d) for d in range(-e1, e1 + 1))
+    cols = sum(W - abs(d) for d in range(-e2, e2 + 1))
+    return rows * cols, (2 * e1 + 1) * (2 * e2 + 1)
+
+
+def cdeq_pair_seconds(spec, feature_shape) -> float:
+    """Estimated seconds of one CDEQ image pair on one core (float32-store tolerance).
+
+    ``PIXEL_PAIR_SECONDS`` per pixel pair plus ``SLICE_SECONDS`` per offset slice, twice
+    with ``hflip``; ``spec`` needs ``readout``, ``pool_size`` and ``hflip``.
+    """
+    H, W = int(feature_shape[0]), int(feature_shape[1])
+    pixels, slices = cdeq_pixel_pairs(spec.readout, spec.pool_size, H, W)
+    seconds = PIXEL_PAIR_SECONDS * pixels + SLICE_SECONDS * slices
+    return seconds * (2 if spec.hflip else 1)
+
+
+def tile_cap(n: int, *, workers: int, pair_seconds: float | None = None) -> int:
     """Largest tile side that keeps the job balanced and each tile short.
 
     At least ``TILES_PER_WORKER * workers`` upper-triangle tiles (so the last round of tiles
-    does not leave workers idle for long), and for the convolutional kernel a side whose tile
-    takes minutes, not hours, on one core (CDEQ flatten ~2.5e-4 s per pair: 1024 rows; gap
-    ~0.3 s per pair: 96 rows), so a lost worker loses little.
+    does not leave workers idle for long), and, given the cost of one pair (the CDEQ kernel:
+    :func:`cdeq_pair_seconds`), a side whose tile takes about ``TARGET_TILE_SECONDS`` on one
+    core (a multiple of 32, at least 32), so a lost worker loses little.
 
     Parameters
     ----------
@@ -135,8 +171,8 @@ def tile_cap(n: int, *, workers: int, kernel: str = "deq", readout: str = "flatt
         Number of rows of the Gram.
     workers : int
         Worker threads that run tiles.
-    kernel, readout : str
-        ``"deq"`` or ``"cdeq"``; ``"flatten"`` or ``"gap"``.
+    pair_seconds : float, optional
+        Seconds per kernel entry on one core (None: the FC kernel, bound by memory only).
 
     Returns
     -------
@@ -152,8 +188,11 @@ def tile_cap(n: int, *, workers: int, kernel: str = "deq", readout: str = "flatt
             break
         target = max(target, blocks) + 1
         cap = -(-n // target)
-    if kernel == "cdeq":
-        cap = min(cap, 96 if readout == "gap" else 1024)
+    if pair_seconds is not None:
+        if not (isinstance(pair_seconds, int | float) and pair_seconds > 0):
+            raise InputError(f"pair_seconds must be a number > 0, got {pair_seconds!r}")
+        side = int(math.sqrt(TARGET_TILE_SECONDS / pair_seconds))
+        cap = min(cap, max(32, side - side % 32))
     return max(1, cap)
 
 

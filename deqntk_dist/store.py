@@ -41,7 +41,13 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency
     from zlib import crc32
 
 from .dataset import DatasetStore, open_dataset_store
-from .errors import IncompleteStoreError, InputError, StoreError, StoreMismatchError
+from .errors import (
+    DeqntkError,
+    IncompleteStoreError,
+    InputError,
+    StoreError,
+    StoreMismatchError,
+)
 from .plan import TilePlan
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
 
@@ -51,6 +57,7 @@ __all__ = [
     "KERNEL_NAMES",
     "LEDGER_FIELDS",
     "KernelStore",
+    "check_dataset_shape",
     "checksum",
     "create_kernel_store",
     "open_kernel_store",
@@ -681,8 +688,17 @@ def _expected_attrs(dataset: DatasetStore, spec, tile, dtype, kernels, options) 
     }
 
 
+def _normal_spec(data):
+    """A stored spec dict with the fields added since (e.g. ``hflip``) at their defaults."""
+    try:
+        return spec_from_dict(data).to_dict()
+    except (DeqntkError, TypeError, AttributeError):
+        return data
+
+
 def _mismatches(have: dict, want: dict) -> list[str]:
     out = []
+    have = {**have, "spec": _normal_spec(have.get("spec"))}
     for key in ("spec", "tile", "dtype", "kernels", "options"):
         if have.get(key) != want[key]:
             out.append(f"{key}: store has {have.get(key)!r}, requested {want[key]!r}")
@@ -694,6 +710,22 @@ def _mismatches(have: dict, want: dict) -> list[str]:
                 f"{wd[key]!r}"
             )
     return out
+
+
+def check_dataset_shape(dataset: DatasetStore, spec: DEQSpec | CDEQSpec) -> None:
+    """Refuse a dataset whose rows the spec cannot take (images for CDEQ and for hflip).
+
+    Raises
+    ------
+    InputError
+    """
+    ndims = (2, 4) if isinstance(spec, DEQSpec) and not spec.hflip else (4,)
+    if len(dataset.x.shape) not in ndims:
+        what = f"a {spec.kind} spec" + (" with hflip" if spec.hflip else "")
+        raise InputError(
+            f"{what} needs dataset inputs with {' or '.join(map(str, ndims))} dimensions, got "
+            f"x of shape {tuple(dataset.x.shape)} in {dataset.path}"
+        )
 
 
 def create_kernel_store(
@@ -753,12 +785,7 @@ def create_kernel_store(
     kernels = tuple(k for k in KERNEL_NAMES if k in kernels)
     if not isinstance(spec, DEQSpec | CDEQSpec):
         raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
-    ndim = 2 if isinstance(spec, DEQSpec) else 4
-    if len(dataset.x.shape) != ndim:
-        raise InputError(
-            f"a {spec.kind} spec needs dataset inputs with {ndim} dimensions, got x of shape "
-            f"{tuple(dataset.x.shape)} in {dataset.path}"
-        )
+    check_dataset_shape(dataset, spec)
     plan = TilePlan(n=dataset.n, tile=tile)
     want = _expected_attrs(dataset, spec, plan.tile, dtype, kernels, options or {})
     p = Path(path).absolute()

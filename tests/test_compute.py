@@ -96,6 +96,41 @@ def test_tiled_store_equals_untiled_cdeq(tmp_path, rng, client, dtype):
     assert verify_kernel_store(ks.path) == []
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pooled_flipped_cdeq_store_records_its_tolerance(tmp_path, rng, client, dtype):
+    from deqntk_dist.errors import StoreMismatchError
+    from deqntk_dist.kernels.conv import DEFAULT_TOL, FLOAT32_TOL
+
+    spec = CDEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.1, readout="lap", pool_size=3,
+                    hflip=True)  # fmt: skip
+    n = 17
+    x = rng.normal(size=(n, 5, 6, 1))
+    x[4] = x[1, :, ::-1]  # a mirror image: the flipped pair is the same-image path
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, n), n_train=14, name="img")
+    rep = compute_kernel_store(
+        ds, tmp_path / "ks", spec, tile=6, dtype=dtype, client=client, progress=False
+    )
+    assert rep.tiles_computed == 6
+    ks = open_kernel_store(tmp_path / "ks")
+    tol = FLOAT32_TOL if dtype == "float32" else DEFAULT_TOL
+    assert ks.options == {"tol": tol} and ks.spec == spec
+    assert rep.max_residual <= tol
+    # the store is the untiled Gram at that tolerance, rounded (float32 out= takes it too)
+    out = {k: np.empty((n, n), dtype) for k in ("ntk", "nngp")}
+    kernel_matrix(spec, x.astype(np.float32), out=out)
+    np.testing.assert_array_equal(ks.array("ntk")[...], out["ntk"])
+    np.testing.assert_array_equal(ks.array("nngp")[...], out["nngp"])
+    assert verify_kernel_store(ks.path) == []
+    with pytest.raises(StoreMismatchError, match="options"):
+        compute_kernel_store(
+            ds, tmp_path / "ks", spec, options={"tol": 1e-11}, client=client, progress=False
+        )
+    with pytest.raises(InputError, match="tol applies to the cdeq kernel"):
+        compute_kernel_store(
+            ds, tmp_path / "ks2", SPEC, options={"tol": 1e-11}, client=client, progress=False
+        )
+
+
 def test_worker_killed_while_tiles_run(tmp_path, rng, client):
     n = 300
     x = rng.normal(size=(n, 40))

@@ -243,3 +243,59 @@ def test_run_end_to_end_matches_direct_computation(tmp_path, capsys):
     assert third["lambda"] == 1e-3
     spec = DEQSpec(sigma_w2=0.8, sigma_u2=1.0, sigma_b2=0.3)
     assert third["accuracy"] == direct_ridge(ds.rows(0, ds.n), ds.y, ds.n_train, spec, 1e-3)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_run_pooled_flipped_cdeq_end_to_end(tmp_path, capsys):
+    """``deqntk run --kernel cdeq --readout lap --pool-size 3 --hflip``: the store is the
+    untiled kernel at the float32-store tolerance and the accuracy is the direct one."""
+    from deqntk_dist import CDEQSpec
+
+    rng = np.random.default_rng(3)
+    x, y = blobs(rng, 60, d=36, k=3, spread=2.0)
+    imgs = x.reshape(60, 6, 6, 1)
+    src = tmp_path / "img.npz"
+    np.savez(src, x_train=imgs[:40], y_train=y[:40], x_test=imgs[40:], y_test=y[40:])
+    work = tmp_path / "work"
+    argv = ["run", "--dataset", "npz", "--source", str(src), "--workdir", str(work)]
+    argv += ["--kernel", "cdeq", "--readout", "lap", "--pool-size", "3", "--hflip"]
+    argv += ["--tile", "16", "--workers", "2", "--lambdas", "1e-3", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "readout=lap, pool_size=3, hflip" in out
+    report = json.loads((work / "report.json").read_text())
+    assert report["kernel"]["pool_size"] == 3 and report["kernel"]["hflip"] is True
+    ks = open_kernel_store(work / "kernel.zarr")
+    assert ks.options == {"tol": 1e-9} and ks.spec.readout == "lap"
+    ds = ks.dataset()
+    X = ds.rows(0, ds.n)
+    spec = CDEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1, readout="lap", pool_size=3,
+                    hflip=True)  # fmt: skip
+    assert ks.spec == spec  # the CLI's cdeq defaults
+    want = {"ntk": np.empty((ds.n, ds.n), np.float32)}
+    kernel_matrix(spec, X, out=want)
+    np.testing.assert_array_equal(ks.array("ntk")[...], want["ntk"])
+    n = ds.n_train
+    K = want["ntk"].astype(np.float64)
+    Y = np.full((n, 3), -0.1)
+    Y[np.arange(n), ds.y[:n]] = 0.9
+    alpha = np.linalg.solve(K[:n, :n] + 1e-3 * np.trace(K[:n, :n]) / n * np.eye(n), Y)
+    acc = float(np.mean((K[n:, :n] @ alpha).argmax(1) == ds.y[n:]))
+    assert report["accuracy"] == acc
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--kernel", "deq", "--pool-size", "3"], "--readout and --pool-size apply to --kernel"),
+        (["--kernel", "cdeq", "--readout", "lap", "--pool-size", "4"], "pool_size must be an odd"),
+        (["--kernel", "cdeq", "--pool-size", "3"], "only used with readout='lap'"),
+        (["--kernel", "deq", "--tol", "1e-9"], "--tol applies to --kernel cdeq"),
+    ],
+)
+def test_cli_pooling_errors(tmp_path, capsys, npz_source, extra, needle):
+    src, _, _ = npz_source
+    argv = ["run", "--dataset", "npz", "--source", str(src), "--workdir", str(tmp_path / "w")]
+    assert main([*argv, *extra]) == 2
+    assert needle in capsys.readouterr().err

@@ -80,9 +80,28 @@ def test_tile_cap_balances_workers_and_bounds_cdeq_tiles():
         plan = TilePlan(n=n, tile=cap)
         # enough upper-triangle tiles to keep every worker busy (unless rows run out)
         assert plan.n_tiles >= min(TILES_PER_WORKER * workers, n * (n + 1) // 2)
-    assert tile_cap(60000, workers=64, kernel="cdeq") == 1024
-    assert tile_cap(60000, workers=64, kernel="cdeq", readout="gap") == 96
-    assert tile_cap(50, workers=1, kernel="cdeq", readout="gap") == tile_cap(50, workers=1)
+    # CDEQ tiles sized to take TARGET_TILE_SECONDS on one core
+    from deqntk_dist import CDEQSpec
+    from deqntk_dist.plan import TARGET_TILE_SECONDS, cdeq_pair_seconds, cdeq_pixel_pairs
+
+    assert cdeq_pixel_pairs("flatten", None, 28, 28) == (784, 1)
+    assert cdeq_pixel_pairs("gap", None, 28, 28) == (614656, 3025)
+    assert cdeq_pixel_pairs("lap", 5, 28, 28) == (53824, 81)  # the count
+    assert cdeq_pixel_pairs("lap", 99, 5, 6) == cdeq_pixel_pairs("gap", None, 5, 6)
+    sides = {}
+    for readout, pool in (("flatten", None), ("lap", 5), ("gap", None)):
+        spec = CDEQSpec(sigma_w2=1.0, sigma_u2=1.0, readout=readout, pool_size=pool)
+        sec = cdeq_pair_seconds(spec, (28, 28, 1))
+        side = tile_cap(60000, workers=1, pair_seconds=sec)
+        assert side % 32 == 0 and side * side * sec <= TARGET_TILE_SECONDS
+        assert side == 32 or (side + 32) ** 2 * sec > TARGET_TILE_SECONDS
+        sides[readout] = side
+        flip = CDEQSpec(sigma_w2=1.0, sigma_u2=1.0, readout=readout, pool_size=pool, hflip=True)
+        assert cdeq_pair_seconds(flip, (28, 28, 1)) == 2 * sec
+    assert sides["flatten"] > sides["lap"] > sides["gap"] >= 32
+    assert tile_cap(50, workers=1, pair_seconds=1e-3) == tile_cap(50, workers=1)
+    with pytest.raises(InputError, match="pair_seconds"):
+        tile_cap(50, workers=1, pair_seconds=0)
     # the cap bounds the memory-derived choice
     assert choose_tile(70000, 2**31, max_side=1024) <= 1024
     with pytest.raises(InputError, match="max_side"):

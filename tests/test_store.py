@@ -114,6 +114,20 @@ def test_reopen_mismatches_are_errors(tmp_path, ds, rng):
             create_kernel_store(tmp_path / "ks", kw.pop("dataset"), kw.pop("spec"), **kw)
 
 
+def test_store_written_before_the_pooling_fields_reopens(tmp_path, ds):
+    """A spec stored without ``hflip`` (older software) is the same spec, not a mismatch."""
+    create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    root = zarr.open_group(str(tmp_path / "ks"), mode="r+")
+    old = dict(root.attrs["spec"])
+    del old["hflip"]
+    root.attrs["spec"] = old
+    assert create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE).spec == SPEC
+    assert open_kernel_store(tmp_path / "ks").spec == SPEC
+    root.attrs["spec"] = {**old, "sigma_w2": 1.0}
+    with pytest.raises(StoreMismatchError, match="sigma_w2"):
+        create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+
+
 def test_verify_reports_corrupted_chunks_and_ledger(tmp_path, ds):
     store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
     _fill(store, ds)

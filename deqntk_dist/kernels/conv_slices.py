@@ -372,19 +372,24 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
         base = b0 + _U(u) * wp + ru
         xi0 = _U((a0 + u) * W + c0)
         yj0 = _U((a0 + d1 + u) * W + c0 + d2)
+        # short loops over the row, one or two outputs each, so that each vectorises
+        if C == 1:
+            for v in range(wu):
+                kxy[base + v] = Xi[xi0 + v, 0] * Yj[yj0 + v, 0]
+        else:
+            for v in range(wu):
+                acc = 0.0
+                for ch in range(C):
+                    acc += Xi[xi0 + v, ch] * Yj[yj0 + v, ch]
+                kxy[base + v] = acc * inv_c
         for v in range(wu):
-            p = base + v
-            i = xi0 + v
-            j = yj0 + v
-            acc = 0.0
-            for ch in range(C):
-                acc += Xi[i, ch] * Yj[j, ch]
-            kxy[p] = acc * inv_c
-            msk[p] = 1.0
-            vx[p] = vxi[i]
-            vy[p] = vyj[j]
-            s[p] = sxi[i] * syj[j]
-            inv_s[p] = isxi[i] * isyj[j]
+            msk[base + v] = 1.0
+        for v in range(wu):
+            vx[base + v] = vxi[xi0 + v]
+            vy[base + v] = vyj[yj0 + v]
+        for v in range(wu):
+            s[base + v] = sxi[xi0 + v] * syj[yj0 + v]
+            inv_s[base + v] = isxi[xi0 + v] * isyj[yj0 + v]
         if same:  # s = v exactly, so that x = s gives correlation 1
             for v in range(wu):
                 p = base + v
