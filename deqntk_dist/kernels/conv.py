@@ -235,6 +235,7 @@ def slice_tasks(inputs, plan, pi, pj, *, tol, max_iter, history, method) -> np.n
         int(method),
         *bounds,
         *start,
+        nb.get_num_threads(),
         out,
     )
     return out

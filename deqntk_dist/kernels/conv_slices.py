@@ -640,14 +640,14 @@ def _robust_slice(
 def pair_tasks(
     act, use_quad, nodes, weights, sw2, su2, sb2, H, W, r, X, Y, VX, VY, SX, SY, ISX, ISY,
     pi, pj, d1s, d2s, WR, WC, tol, max_iter, m, method, mu_lo, mu_hi, table, t_max, inv_step,
-    out,
+    threads, out,
 ):  # fmt: skip
     """prange over (pair, offset) tasks: ``out[t] = (sum w Theta, sum w Sigma, residual,
     nonlinear evaluations, linear iterations, robust)``.
 
     X, Y: (n, H*W, C); VX, VY: (n, H*W) self-covariances, SX, SY their square roots and
     ISX, ISY the reciprocals of those (0 where v = 0); ``table``, ``t_max``, ``inv_step``:
-    the ReLU start (:func:`_initial`);
+    the ReLU start (:func:`_initial`); ``threads``: numba's current thread count;
     task ``t`` is the pair ``(pi[t // n_off], pj[t // n_off])`` at offset
     ``(d1s[o], d2s[o])``, ``o = t % n_off``, read out with the weights ``WR[o, :h]`` (rows)
     and ``WC[o, :w]`` (columns).  ``method``: 0 the Newton-Chebyshev solver of this module
@@ -660,11 +660,13 @@ def pair_tasks(
     P = H * W
     mm = max(m, 1)
     L = slice_length(H, W, r)
-    n_chunks = min(n_tasks, 256)
+    # a few chunks of interleaved tasks per thread, each with its workspaces allocated once
+    # (fresh memory per task costs page faults and cold caches: 1.5x on gap tiles); every
+    # array a solve reads it writes first, so the chunking cannot change any bits
+    n_chunks = max(1, min(n_tasks, 8 * threads))
     for c in nb.prange(n_chunks):
-        # workspaces per chunk of tasks: every array a solve reads is written by it first
-        w64 = np.zeros((ROWS64, L))
-        w32 = np.zeros((ROWS32, L), dtype=np.float32)
+        w64 = np.empty((ROWS64, L))
+        w32 = np.empty((ROWS32, L), dtype=np.float32)
         ws = np.empty((WORKSPACE_ROWS, P + 2 * r * H))
         dF = np.empty((mm, P))
         dG = np.empty((mm, P))
