@@ -275,6 +275,21 @@ def _add_masked(x, d, msk, b0, n):
 
 
 @nb.njit(cache=True, error_model="numpy")
+def _spectrum(k0, b0, n, sw2, m_lo, m_hi, check_sign):
+    """Bounds ``(lo, hi)`` of the spectrum of ``I - sw2 M diag(k0)`` on the slice, given the
+    box mean's ``[m_lo, m_hi]``; ``lo <= 0`` (or ``k0 < 0`` when ``check_sign``) means
+    the Chebyshev solves do not apply."""
+    if check_sign:
+        kmin = 0.0
+        for k in range(n):
+            kmin = min(kmin, k0[b0 + k])
+        if kmin < 0.0:
+            return -1.0, 1.0  # indefinite Jacobian: Anderson in the robust solver
+    kmax = np.float64(_amax(k0, b0, n))
+    return 1.0 - sw2 * kmax * m_hi, 1.0 - sw2 * kmax * m_lo
+
+
+@nb.njit(cache=True, error_model="numpy")
 def _cheb_steps(eta, lo, hi):
     """Chebyshev steps that reduce the error by ``eta`` on the spectrum ``[lo, hi]``."""
     if hi - lo <= 1e-12 * hi:
@@ -491,9 +506,7 @@ def fast_slice(
             if rel > 0.5 * prev:
                 break  # float32 no longer helps: evaluate in float64
             prev = rel
-            kmax = np.float64(_amax(k0f, b0, n))
-            lo = 1.0 - sw2 * kmax * m_hi
-            hi = 1.0 - sw2 * kmax * m_lo
+            lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, False)
             if not lo > 0.0:
                 return False
             eta = min(0.1, max(ETA_MIN, rel))
@@ -523,14 +536,7 @@ def fast_slice(
         if rel > 0.5 * prev or evals >= MAX_NEWTON:
             return False
         prev = rel
-        kmin = 0.0
-        for kk in range(n):
-            kmin = min(kmin, k0[b0 + kk])
-        if kmin < 0.0:
-            return False  # indefinite Jacobian: Anderson in the robust solver
-        kmax = _amax(k0, b0, n)
-        lo = 1.0 - sw2 * kmax * m_hi
-        hi = 1.0 - sw2 * kmax * m_lo
+        lo, hi = _spectrum(k0, b0, n, sw2, m_lo, m_hi, True)
         if not lo > 0.0:
             return False
         eta = min(0.1, max(ETA_MIN, 0.3 * tol / rel, rel))
@@ -541,14 +547,7 @@ def fast_slice(
         steps += m
         _add_masked(x, d, msk, b0, n)
     # ---- Theta*: float32 Chebyshev refined by float64 residuals; k0 is at Sigma*
-    kmin = 0.0
-    for kk in range(n):
-        kmin = min(kmin, k0[b0 + kk])
-    if kmin < 0.0:
-        return False
-    kmax = _amax(k0, b0, n)
-    lo = 1.0 - sw2 * kmax * m_hi
-    hi = 1.0 - sw2 * kmax * m_lo
+    lo, hi = _spectrum(k0, b0, n, sw2, m_lo, m_hi, True)
     if not lo > 0.0:
         return False
     th, t64 = w64[_TH], w64[_T64]
