@@ -31,9 +31,9 @@ columns may hold finite garbage: the mask (1 inside, 0 on pads) removes it where
 could reach the interior, and the arrays a box mean reads are zero there.
 
 Bitwise reproducibility: a slice's operations depend only on its two images (and their
-self-covariances): fixed loop orders, no reassociation, iteration counts from the slice's
-own residuals.  The float32 / float64 arithmetic is IEEE, so the bits are the same on any
-x86-64 or ARM machine.
+self-covariances): fixed loop orders, iteration counts from the slice's own residuals, and
+plain IEEE arithmetic (no fast-math: vectorised loops neither reassociate nor fuse
+multiply-adds), so tiles equal the untiled Gram for any tile, batch or thread count.
 """
 
 from __future__ import annotations
