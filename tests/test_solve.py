@@ -453,3 +453,50 @@ def test_a_late_write_failure_keeps_the_result(tmp_path, rng, monkeypatch, capsy
     assert main(["solve", ks.path, "--ridge", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "saved to" in err
+
+
+def test_corrupt_stores_and_bad_paths_are_one_line_errors(tmp_path, rng, capsys):
+    """A corrupt kernel chunk, labels chunk or kernel metadata, and `run --workdir FILE`:
+    exit status 2 and one line, never a traceback."""
+    x, y = _data(rng, 150)
+    ks = _make_store(tmp_path, x, y, 120, tile=64)
+    root = Path(ks.path)
+    labels = next(p for p in (root / "labels" / "c").rglob("*") if p.is_file())
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (root / "ntk" / "c" / "1" / "0", b"short", ["solve", ks.path], "is unreadable"),
+        (labels, b"garbage", ["solve", ks.path], "labels are unreadable"),
+        (root / "ntk" / "zarr.json", b"{not json", ["solve", ks.path], "ntk/zarr.json is unread"),
+        (None, None, ["run", "--workdir", str(tmp_path / "afile")], "--workdir must be a dir"),
+    ]
+    for path, junk, argv, needle in cases:
+        good = None if path is None else path.read_bytes()
+        if path is not None:
+            path.write_bytes(junk)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        if path is not None:
+            path.write_bytes(good)
+    with pytest.raises(StoreError, match=r"ntk\[\d+:\d+, \d+:\d+\] is unreadable"):
+        chunk = root / "ntk" / "c" / "1" / "0"
+        chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
+        solve_store(ks.path, ridges=[1e-3])
+
+
+def test_cli_verify_prints_notes_and_layout_problems(tmp_path, rng, capsys):
+    import shutil
+
+    x, y = _data(rng, 100)
+    ks = _make_store(tmp_path, x, y, 80, tile=64)
+    shutil.rmtree(Path(ks.path) / "ledger" / "identity")
+    assert main(["verify", ks.path]) == 0
+    out = capsys.readouterr().out
+    assert "NOTE: written without identity digests" in out and ": OK (3 tiles" in out
+    zarr.open_group(ks.path, mode="r+").attrs["tile"] = 32  # attrs no longer fit the arrays
+    assert main(["verify", ks.path]) == 1
+    out = capsys.readouterr().out
+    assert "kernel array 'ntk' has chunks (64, 64), but the attrs' tile is 32" in out
+    assert "has shape (2, 2), but the attrs (n = 100, tile = 32) give a 4 x 4 tile grid" in out
+    assert main(["solve", ks.path]) == 2
+    assert "give a 4 x 4 tile grid" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """Kernel store: a symmetric N x N Gram in a zarr v3 group, with a per-tile ledger.
 
 The package keeps the names of the former ``store`` module: :mod:`.core` (layout, reader
-API, tile writes, create / open), :mod:`.chunkio` (checksums, aligned buffers, direct-I/O
-chunk files) and :mod:`.verify`.
+API, tile writes, open), :mod:`.create`, :mod:`.chunkio` (checksums, aligned buffers,
+direct-I/O chunk files), :mod:`.identity` (identity digests) and :mod:`.verify`.
 """
 
 from .chunkio import (
@@ -23,10 +23,10 @@ from .core import (
     KERNEL_NAMES,
     LEDGER_FIELDS,
     KernelStore,
-    check_dataset_shape,
-    create_kernel_store,
+    add_missing_arrays,
     open_kernel_store,
 )
+from .create import check_dataset_shape, create_kernel_store
 from .verify import verify_kernel_store
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "LEDGER_FIELDS",
     "AlignedBuffers",
     "KernelStore",
+    "add_missing_arrays",
     "aligned_empty",
     "cast_and_mirror",
     "check_dataset_shape",
