@@ -585,7 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     """An error message on one line (multi-line details joined with "; ")."""
-    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    out = ""
+    for part in (p.strip() for p in str(exc).splitlines()):
+        if part:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + part
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

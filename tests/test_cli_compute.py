@@ -251,3 +251,10 @@ def test_ctrl_c_and_a_full_disk_end_with_one_clear_line(tmp_path, rng, small_fs)
     assert full.returncode == 2 and "Traceback" not in full.stderr and len(lines) <= 4, lines
     assert "No space left on device" in lines[-1] and "finished tiles are kept" in lines[-1]
     assert lines[0].startswith("deqntk: warning:") and "GB free" in lines[0]
+
+
+def test_multi_line_errors_become_one_line():
+    from deqntk_dist.cli import _one_line
+
+    exc = ValueError("store was made with different settings; delete it:\n  spec: a\n  tile: b")
+    assert _one_line(exc) == "store was made with different settings; delete it: spec: a; tile: b"
