@@ -64,6 +64,13 @@ def test_sigkill_then_rerun_completes_exactly_the_missing_tiles(tmp_path, rng):
     led = ks.ledger()
     before = {t for t in ks.plan.tiles() if led["done"][t]}
     assert 0 < len(before) < n_tiles
+    # the killed store is usable: tiles ran training block by block (each with its test
+    # tiles), so >= 20 finished tiles (2 in flight) complete the shells of blocks 0 and 1
+    # (4 + 5 tiles) and every test row of the test blocks (352..399) against them
+    from deqntk_dist.solve import solve_store
+
+    part = solve_store(store, ridges=[1e-3], allow_incomplete=True, write_results=False)
+    assert part.n_train >= 32 and part.n_test == 48, (part.n_train, part.n_test, len(before))
     rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     m = re.search(r"(\d+) done, computing (\d+)", rerun.stderr)
