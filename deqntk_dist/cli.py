@@ -210,6 +210,18 @@ def _add_compute(sub) -> None:
         help="tiles submitted at once (default 2 x worker threads)",
     )
     p.add_argument("--retries", type=int, default=2, help="dask retries per tile (default 2)")
+    p.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        help="compute at most this many tiles in this run (the rest stay for a later run)",
+    )
+    p.add_argument(
+        "--recompute-mismatched",
+        action="store_true",
+        help="recompute finished tiles computed under another identity than the store's "
+        "attrs claim (edited attrs) instead of refusing the store",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_compute)
 
@@ -232,11 +244,14 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget,
         max_in_flight=args.max_in_flight,
         retries=args.retries,
-        task_threads=args.task_threads or None,
+        task_threads=None if args.task_threads == 0 else args.task_threads,
+        max_tiles=args.max_tiles,
+        recompute_mismatched=args.recompute_mismatched,
         progress=not args.no_progress,
     )
+    others = f", {report.tiles_by_others} by another job" if report.tiles_by_others else ""
     print(
-        f"{report.store}: computed {report.tiles_computed} tiles "
+        f"{report.store}: computed {report.tiles_computed} tiles{others} "
         f"({report.tiles_done_before} of {report.tiles_total} were done before) in "
         f"{report.seconds:.1f} s, {report.entries_per_second:.3g} entries/s, "
         f"{report.bytes_written / 1e9:.3g} GB written, max residual {report.max_residual:.2g}"
@@ -291,7 +306,10 @@ def _add_verify(sub) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .store import open_kernel_store, verify_kernel_store
 
-    problems = verify_kernel_store(args.kernel_store)
+    notes: list[str] = []
+    problems = verify_kernel_store(args.kernel_store, notes=notes)
+    for line in notes:
+        print(f"NOTE: {line}")
     if problems:
         for line in problems:
             print(f"PROBLEM: {line}")
@@ -518,10 +536,15 @@ def _add_run(sub) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
+    from .errors import InputError
     from .pipeline import format_report, run_pipeline
     from .runtime import RuntimeConfig
 
+    work = Path(args.workdir)
+    if work.exists() and not work.is_dir():
+        raise InputError(f"--workdir must be a directory, got a file: {args.workdir}")
     lambdas = _float_list("--lambdas", args.lambdas)
     spec = spec_from_args(args)
     request = _request_from_args(args, "image" if args.kernel == "cdeq" or args.hflip else "flat")
@@ -560,13 +583,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (multi-line details joined with "; ")."""
+    out = ""
+    for part in (p.strip() for p in str(exc).splitlines()):
+        if part:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + part
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for a clear user error)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DeqntkError as exc:
-        print(f"deqntk {args.command}: error: {exc}", file=sys.stderr)
+        print(f"deqntk {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the filesystem refused (permissions, full disk, not a directory)
+        print(f"deqntk {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"deqntk {args.command}: interrupted", file=sys.stderr)

@@ -1,41 +1,46 @@
-"""Plan -> Dask tasks -> kernel store: retries, bounded tiles in flight, progress, resume.
+"""Plan -> Dask tasks -> kernel store: retries, bounded tiles in flight, leases, progress,
+resume.
 
-Per-chunk functions (:func:`run_tile`, :func:`run_self_covariance`) run on the workers: they
-read their input rows from the dataset store themselves, compute with the pure kernel
-maths, write whole chunks and then the ledger.  Only small job descriptions and reports
-go through the scheduler.  :func:`compute_kernel_store` builds and drives the tasks; resume
-is driven by the store's ledger (the missing tiles are exactly those not marked done).
+The per-chunk tasks (:func:`~deqntk_dist.tasks.run_tile`,
+:func:`~deqntk_dist.tasks.run_self_covariance`) run on the workers (:mod:`.tasks`).
+:func:`compute_kernel_store` checks the store before any cluster starts
+(:func:`~deqntk_dist.store.resume.prepare_resume`), then submits the missing tiles in the
+order that keeps a partial store usable (:meth:`~deqntk_dist.plan.TilePlan.usable_first`),
+each after leasing it (:mod:`deqntk_dist.store.lease`), so concurrent jobs on one store
+share the work.  Resume is driven by the store's ledger (the missing tiles are exactly those
+not marked done).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import resource
 import sys
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import errors
 from .dataset import DatasetStore, open_dataset_store
-from .errors import DeqntkError, InputError, StoreError, StoreMismatchError
+from .errors import DeqntkError, InputError, StoreError
 from .plan import cdeq_pair_seconds, choose_tile, tile_cap
 from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
 from .spec import CDEQSpec, DEQSpec
 from .store import (
     KERNEL_NAMES,
-    AlignedBuffers,
     KernelStore,
     check_dataset_shape,
     create_kernel_store,
     open_kernel_store,
 )
+from .store.lease import TileLeases
+from .store.resume import prepare_resume
+from .tasks import AuxJob, TileJob, run_self_covariance, run_tile
 
 __all__ = [
     "AuxJob",
@@ -48,212 +53,10 @@ __all__ = [
 
 #: Default cap of the per-tile memory budget (bytes) when a worker has more memory.
 MAX_TILE_BUDGET = 2 * 2**30
-#: Slice tolerance of CDEQ stores whose options do not record one (written before it was).
-LEGACY_CDEQ_TOL = 1e-13
-
-
-# ----------------------------------------------------------------- per-chunk (worker) side
-@dataclass(frozen=True, kw_only=True)
-class TileJob:
-    """Everything a worker needs for tile (i, j): paths and row ranges, never arrays."""
-
-    store: str
-    dataset: str
-    i: int
-    j: int
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-    threads: int | None = 1
-    options: dict = field(default_factory=dict)
-
-    def describe(self) -> str:
-        (r0, r1), (c0, c1) = self.rows, self.cols
-        return f"tile ({self.i}, {self.j}) rows [{r0}, {r1}) x cols [{c0}, {c1})"
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuxJob:
-    """Rows ``[start, stop)`` of the CDEQ self-covariances (one aux chunk)."""
-
-    store: str
-    dataset: str
-    start: int
-    stop: int
-    threads: int | None = 1
-
-    def describe(self) -> str:
-        return f"self-covariance rows [{self.start}, {self.stop})"
-
-
-_STORES: dict[tuple, KernelStore] = {}
-_DATASETS: dict[tuple, DatasetStore] = {}
-_ROWS: OrderedDict[tuple, np.ndarray] = OrderedDict()
-#: Row blocks kept per worker: at least this many, and more while within ``_ROWS_BYTES``
-#: (a worker then reads each block of a mid-sized dataset once, not once per tile).
-_ROWS_KEEP = 3
-_ROWS_BYTES = 512 * 2**20
-
-
-def _store(path: str) -> KernelStore:
-    key = (path, os.stat(Path(path) / "zarr.json").st_mtime_ns)
-    if key not in _STORES:
-        _STORES.clear()
-        _STORES[key] = open_kernel_store(path, writable=True)
-    return _STORES[key]
-
-
-def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
-    """float64 rows of the dataset store a kernel store was made for.
-
-    A per-process LRU cache keeps recent row blocks (at least ``_ROWS_KEEP``, more within
-    ``_ROWS_BYTES``), so a worker rarely reads a block twice.  The dataset must still carry the
-    fingerprint recorded in the kernel store: rows of another dataset are never mixed in.
-    """
-    key = (dataset, os.stat(Path(dataset) / "zarr.json").st_mtime_ns)
-    if key not in _DATASETS:
-        _DATASETS.clear()
-        _ROWS.clear()
-        _DATASETS[key] = open_dataset_store(dataset)
-    ds = _DATASETS[key]
-    if ds.fingerprint != fingerprint:
-        raise StoreMismatchError(
-            f"dataset store {dataset} now has fingerprint {ds.fingerprint}, but the kernel "
-            f"store was computed from {fingerprint}; it was changed after the store was made"
-        )
-    rkey = (key, start, stop)
-    if rkey in _ROWS:
-        _ROWS.move_to_end(rkey)
-        return _ROWS[rkey]
-    X = ds.rows(start, stop).astype(np.float64)
-    _ROWS[rkey] = X
-    while len(_ROWS) > _ROWS_KEEP and sum(a.nbytes for a in _ROWS.values()) > _ROWS_BYTES:
-        _ROWS.popitem(last=False)
-    return X
-
-
-_BUFFERS = AlignedBuffers()
-
-
-def _tile_buffers(ks: KernelStore, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Reused, page-aligned output arrays (store dtype) for a tile of ``shape``.
-
-    The tile kernel writes the store's values straight into them, and the store writes
-    them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory.
-    """
-    key = (shape, ks.dtype.str, ks.kernels)
-    return _BUFFERS.get(key, {name: shape for name in ks.kernels}, ks.dtype)
-
-
-@contextlib.contextmanager
-def _thread_limit(threads: int | None):
-    """Limit numba and the BLAS to ``threads`` in this task (None: leave as is)."""
-    import numba
-
-    # numba re-reads NUMBA_NUM_THREADS from the environment whenever it compiles (first use
-    # on a machine without a cache) and refuses a value other than the one its thread pool
-    # was launched with; a worker's environment may differ from it (the nanny sets it
-    # around the spawn), so pin the variable to the pool's size.
-    os.environ["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)
-    if threads is None:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        with threadpool_limits(limits=threads, user_api="blas"):
-            yield
-    finally:
-        numba.set_num_threads(previous)
-
-
-def _failure(what: str, exc: DeqntkError) -> dict[str, Any]:
-    return {"ok": False, "what": what, "type": type(exc).__name__, "error": str(exc)}
-
-
-def _peak_rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def run_tile(job: TileJob) -> dict[str, Any]:
-    """Compute tile (i, j) on this worker, write it and its mirror, then its ledger entry.
-
-    A deterministic maths or input failure (:class:`DeqntkError`) is returned as a report
-    with ``ok = False`` (retrying cannot help); anything else (I/O, memory) raises so that
-    dask retries the task.  Nothing is marked done unless its data was written.
-
-    Returns
-    -------
-    dict
-        ``ok``, ``tile``, ``entries``, ``max_residual``, ``iterations``, ``seconds``
-        (reading the rows + compute), ``read_seconds``, ``write_seconds``, ``bytes``
-        (written), ``checksum``, ``peak_rss``, ``pid``.
-    """
-    from .kernels import kernel_matrix
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    ks = _store(job.store)
-    what = job.describe()
-    X = _rows(job.dataset, ks.dataset_fingerprint, *job.rows)
-    Y = None if job.i == job.j else _rows(job.dataset, ks.dataset_fingerprint, *job.cols)
-    kw = dict(job.options)
-    if isinstance(ks.spec, CDEQSpec):
-        # stores made before the tolerance was recorded were computed at 1e-13
-        kw.setdefault("tol", LEGACY_CDEQ_TOL)
-        kw["self_x"] = ks.self_covariance_rows(*job.rows)
-        if Y is not None:
-            kw["self_y"] = ks.self_covariance_rows(*job.cols)
-    t_read = time.perf_counter() - t0
-    shape = (job.rows[1] - job.rows[0], job.cols[1] - job.cols[0])
-    try:
-        with _thread_limit(job.threads):
-            res = kernel_matrix(ks.spec, X, Y, out=_tile_buffers(ks, shape), **kw)
-    except DeqntkError as exc:
-        return _failure(what, exc)
-    t1, c1 = time.perf_counter(), time.process_time()
-    values = {name: getattr(res, name) for name in ks.kernels}
-    crc = ks.write_tile(
-        job.i,
-        job.j,
-        values,
-        max_residual=float(res.max_residual),
-        iterations=int(res.iterations),
-        seconds=t1 - t0,
-    )
-    n_entries = (job.rows[1] - job.rows[0]) * (job.cols[1] - job.cols[0])
-    n_entries *= 1 if job.i == job.j else 2
-    return {
-        "ok": True,
-        "tile": (job.i, job.j),
-        "entries": n_entries,
-        "max_residual": float(res.max_residual),
-        "iterations": int(res.iterations),
-        "seconds": t1 - t0,
-        "read_seconds": t_read,
-        "write_seconds": time.perf_counter() - t1,
-        "cpu_seconds": c1 - c0,
-        "write_cpu_seconds": time.process_time() - c1,
-        "bytes": n_entries * ks.dtype.itemsize * len(ks.kernels),
-        "checksum": crc["checksum"],
-        "peak_rss": _peak_rss(),
-        "pid": os.getpid(),
-    }
-
-
-def run_self_covariance(job: AuxJob) -> dict[str, Any]:
-    """Compute and store the CDEQ self-covariances of rows ``[start, stop)``."""
-    from .kernels import self_covariance
-
-    ks = _store(job.store)
-    X = _rows(job.dataset, ks.dataset_fingerprint, job.start, job.stop)
-    try:
-        with _thread_limit(job.threads):
-            sc = self_covariance(ks.spec, X)
-    except DeqntkError as exc:
-        return _failure(job.describe(), exc)
-    ks.write_self_covariance(job.start, job.stop, sc)
-    return {"ok": True, "rows": (job.start, job.stop), "peak_rss": _peak_rss()}
+#: Smallest ``memory_budget`` accepted (bytes).
+MIN_MEMORY_BUDGET = 2**20
+#: Seconds between checks of tiles leased by another job.
+LEASE_POLL_SECONDS = 1.0
 
 
 # ------------------------------------------------------------------------ driver side
@@ -282,6 +85,9 @@ class ComputeReport:
         The same phases in worker CPU time (robust to a shared, oversubscribed machine).
     tile : int
     workers : int
+    tiles_by_others : int
+        Tiles this call found leased by another job and left to it (done when it returned,
+        unless ``max_tiles`` stopped it first).
     """
 
     store: str
@@ -301,6 +107,7 @@ class ComputeReport:
     write_cpu_seconds: float
     tile: int
     workers: int
+    tiles_by_others: int = 0
 
 
 class Progress:
@@ -379,8 +186,22 @@ def _raise_failures(failures: list[dict]) -> None:
     raise cls(msg)
 
 
-def _run_jobs(client, fn, jobs, *, limit, retries, token, on_result):
-    """Submit ``jobs`` with at most ``limit`` in flight; call ``on_result`` per success.
+def _run_jobs(
+    client,
+    fn,
+    next_job: Callable[[], Any],
+    *,
+    limit: int,
+    retries: int,
+    token: str,
+    on_result: Callable[[Any, dict], None],
+    on_failure: Callable[[Any], None] = lambda job: None,
+    more_later: Callable[[], bool] = lambda: False,
+    poll: float = LEASE_POLL_SECONDS,
+) -> list[dict]:
+    """Submit the jobs ``next_job()`` hands out (None: none now) with at most ``limit`` in
+    flight; ``on_result(job, report)`` per success.  While nothing is in flight and
+    ``more_later()`` says jobs may still come (tiles leased by another job), poll.
 
     Returns the failure reports (submission stops at the first failure; tasks already in
     flight finish, so their work is kept).
@@ -388,42 +209,53 @@ def _run_jobs(client, fn, jobs, *, limit, retries, token, on_result):
     from distributed import as_completed
 
     failures: list[dict] = []
-    pending = iter(enumerate(jobs))
     ac = as_completed()
-    described: dict[str, str] = {}
+    jobs: dict[str, Any] = {}
+    count = 0
 
-    def submit_next() -> bool:
-        nxt = next(pending, None)
-        if nxt is None:
-            return False
-        k, job = nxt
-        key = f"deqntk-{fn.__name__}-{token}-{k}"
-        described[key] = job.describe()
-        ac.add(client.submit(fn, job, key=key, retries=retries, pure=False))
-        return True
+    def fill() -> None:
+        nonlocal count
+        while len(jobs) < limit and not failures:
+            job = next_job()
+            if job is None:
+                return
+            key = f"deqntk-{fn.__name__}-{token}-{count}"
+            count += 1
+            jobs[key] = job
+            ac.add(client.submit(fn, job, key=key, retries=retries, pure=False))
 
-    for _ in range(limit):
-        if not submit_next():
-            break
-    for fut in ac:
+    fill()
+    while True:
+        if ac.is_empty():
+            if failures or not more_later():
+                break
+            time.sleep(poll)
+            fill()
+            continue
+        fut = next(ac)
+        job = jobs.pop(fut.key)
         try:
             out = fut.result()
         except Exception as exc:  # remote error after retries, or a lost worker
             out = {
                 "ok": False,
-                "what": described.get(fut.key, str(fut.key)),
+                "what": job.describe(),
                 "type": "",
                 "error": f"{type(exc).__name__}: {exc}",
             }
-        described.pop(fut.key, None)
         fut.release()
         if out.get("ok"):
-            on_result(out)
+            on_result(job, out)
         else:
+            on_failure(job)
             failures.append(out)
-        if not failures:
-            submit_next()
+        fill()
     return failures
+
+
+def _jobs_of(items) -> Callable[[], Any]:
+    it = iter(items)
+    return lambda: next(it, None)
 
 
 def _store_options(spec, options, existing: KernelStore | None, dtype: str) -> dict:
@@ -443,7 +275,7 @@ def _store_options(spec, options, existing: KernelStore | None, dtype: str) -> d
     return {}
 
 
-def _validate(spec, kernels, dtype, tile, max_in_flight, retries) -> None:
+def _validate(spec, kernels, dtype, ints: dict[str, tuple[Any, int]]) -> None:
     if not isinstance(spec, DEQSpec | CDEQSpec):
         raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
     if kernels is not None:
@@ -454,13 +286,32 @@ def _validate(spec, kernels, dtype, tile, max_in_flight, retries) -> None:
             )
     if dtype is not None and dtype not in ("float32", "float64"):
         raise InputError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    for name, v, lo in (
-        ("tile", tile, 1),
-        ("max_in_flight", max_in_flight, 1),
-        ("retries", retries, 0),
-    ):
+    for name, (v, lo) in ints.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _local_cluster(client, runtime: RuntimeConfig | None) -> bool:
+    """Whether this call starts its own LocalCluster (whose workers it may configure)."""
+    return client is None and (
+        runtime is None or (not runtime.scheduler and runtime.cluster == "local")
+    )
+
+
+class _IgnoreInterrupt(WorkerPlugin):
+    """Worker plugin: the workers of a LocalCluster started by ``compute`` ignore SIGINT.
+
+    Ctrl-C reaches the whole process group; the driver handles it (it closes the cluster),
+    while workers would each print a traceback."""
+
+    name = "deqntk-ignore-sigint"
+
+    def setup(self, worker) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def compute_kernel_store(
@@ -478,6 +329,8 @@ def compute_kernel_store(
     max_in_flight: int | None = None,
     retries: int = 2,
     task_threads: int | None = 1,
+    max_tiles: int | None = None,
+    recompute_mismatched: bool = False,
     progress: bool = True,
     log=None,
 ) -> ComputeReport:
@@ -493,7 +346,8 @@ def compute_kernel_store(
     kernels : sequence of {"ntk", "nngp"}, optional
         Arrays to store (default: the existing store's, else both).
     tile : int, optional
-        Tile side (default: the existing store's, else from ``memory_budget``).
+        Tile side (default: the existing store's, else from ``memory_budget``); a tile
+        larger than the number of rows is one tile of all rows.
     dtype : {"float32", "float64"}, optional
         Store dtype (default: the existing store's, else float32).
     options : dict, optional
@@ -505,13 +359,20 @@ def compute_kernel_store(
     runtime : RuntimeConfig, optional
         LocalCluster (default), ``scheduler`` address, or a batch cluster.
     memory_budget : int, optional
-        Bytes per tile on a worker (default: half the worker memory limit, at most 2 GiB).
+        Bytes per tile on a worker, at least 1 MiB (default: half the worker memory limit,
+        at most 2 GiB).
     max_in_flight : int, optional
         Tiles submitted at once (default: 2 x worker threads, at least 2).
     retries : int
         Dask retries per task (I/O errors, lost workers).
     task_threads : int or None
-        numba / BLAS threads inside a task (default 1; None leaves the worker's setting).
+        numba / BLAS threads inside a task, >= 1 (default 1; None leaves the worker's).
+    max_tiles : int, optional
+        Compute at most this many tiles in this call (e.g. to bound a batch job); the
+        others stay missing for a later call.
+    recompute_mismatched : bool
+        Recompute finished tiles whose identity digest differs from the store's (its attrs
+        were changed after they were written) instead of refusing the store.
     progress : bool
         Progress bar on stderr.
     log : callable, optional
@@ -523,12 +384,23 @@ def compute_kernel_store(
 
     Raises
     ------
+    InputError
+        Bad arguments, or a tile so small that per-tile overhead would dominate.
     StoreError, StoreMismatchError
-        Missing dataset store, unwritable destination, settings differ from the store's.
+        Missing dataset store, unwritable destination (checked before any cluster starts),
+        settings differ from the store's, tiles computed under another identity.
     FixedPointError
         A tile did not converge (the tiles that finished stay in the store).
     """
-    _validate(spec, kernels, dtype, tile, max_in_flight, retries)
+    ints = {
+        "tile": (tile, 1),
+        "max_in_flight": (max_in_flight, 1),
+        "retries": (retries, 0),
+        "memory_budget": (memory_budget, MIN_MEMORY_BUDGET),
+        "task_threads": (task_threads, 1),
+        "max_tiles": (max_tiles, 1),
+    }
+    _validate(spec, kernels, dtype, ints)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     ds = dataset if isinstance(dataset, DatasetStore) else open_dataset_store(dataset)
     check_dataset_shape(ds, spec)
@@ -539,7 +411,7 @@ def compute_kernel_store(
     options = _store_options(spec, options, existing, dtype)
 
     def make_store(tile: int) -> KernelStore:
-        return create_kernel_store(
+        ks = create_kernel_store(
             path,
             ds,
             spec,
@@ -548,12 +420,19 @@ def compute_kernel_store(
             kernels=kernels or (existing.kernels if existing else KERNEL_NAMES),
             options=options,
         )
+        prepare_resume(ks, ds, recompute_mismatched=recompute_mismatched, say=say)
+        return ks
 
-    # settings are checked against an existing store before any cluster is started
+    # settings and writability are checked before any cluster is started
     tile = tile or (existing.tile if existing is not None else None)
     ks = make_store(tile) if tile is not None else None
+    if ks is None:
+        _check_parent(path)
     ctx = contextlib.nullcontext(client) if client is not None else dask_client(runtime)
     with ctx as cl:
+        if _local_cluster(client, runtime):
+            with contextlib.suppress(Exception):  # cosmetic: quiet Ctrl-C
+                cl.register_plugin(_IgnoreInterrupt())
         summary = cluster_summary(cl)
         if ks is None:
             limit = summary["memory_limit"]
@@ -575,7 +454,14 @@ def compute_kernel_store(
         limit = max_in_flight or max(2, 2 * summary["threads"])
         if isinstance(spec, CDEQSpec):
             aux = [
-                AuxJob(store=ks.path, dataset=ds.path, start=a, stop=b, threads=task_threads)
+                AuxJob(
+                    store=ks.path,
+                    dataset=ds.path,
+                    start=a,
+                    stop=b,
+                    threads=task_threads,
+                    identity=ks.identity_digest,
+                )
                 for a, b in ks.self_covariance_missing()
             ]
             if aux:
@@ -583,11 +469,11 @@ def compute_kernel_store(
                 fails = _run_jobs(
                     cl,
                     run_self_covariance,
-                    aux,
+                    _jobs_of(aux),
                     limit=limit,
                     retries=retries,
                     token=token,
-                    on_result=lambda r: None,
+                    on_result=lambda job, r: None,
                 )
                 if fails:
                     _raise_failures(fails)
@@ -600,23 +486,100 @@ def compute_kernel_store(
             retries=retries,
             token=token,
             task_threads=task_threads,
+            max_tiles=max_tiles,
             progress=progress,
             say=say,
         )
 
 
-def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, progress, say):
+def _check_parent(path: Path) -> None:
+    """A new store's directory must be creatable: probe it before a cluster starts."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise StoreError(f"parent directory of the kernel store does not exist: {parent}")
+    probe = parent / f".{path.name}.probe-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create kernel store at {path}: {exc.strerror or exc} in {parent}"
+        ) from exc
+
+
+class _TileSource:
+    """Hands out the missing tiles in order, each only once this job holds its lease and
+    it is still not done; tiles leased by another job wait and are checked again."""
+
+    def __init__(self, ks: KernelStore, order, leases: TileLeases, *, max_tiles, poll, say):
+        self.ks, self.leases, self.say, self.poll = ks, leases, say, poll
+        self.queue = deque(order)
+        self.waiting: dict[tuple[int, int], Any] = {}
+        self.left = max_tiles if max_tiles is not None else len(self.queue)
+        self.by_others = 0
+        self.next_check = 0.0
+        self.announced = False
+
+    def _take(self, t: tuple[int, int]) -> bool:
+        got, holder = self.leases.acquire(*t)
+        if not got:
+            self.waiting[t] = holder
+            return False
+        if self.ks.tile_done(*t):  # finished by another job before we leased it
+            self.leases.release(*t)
+            self.by_others += 1
+            return False
+        return True
+
+    def __call__(self) -> tuple[int, int] | None:
+        if self.left <= 0:
+            return None
+        while self.queue:
+            t = self.queue.popleft()
+            if self._take(t):
+                self.left -= 1
+                return t
+        if self.waiting and not self.announced:
+            holders = {h.describe() for h in self.waiting.values() if h is not None}
+            self.say(
+                f"deqntk: {len(self.waiting)} tiles are being computed by another job "
+                f"({', '.join(sorted(holders)) or 'unknown'}); waiting for them"
+            )
+            self.announced = True
+        now = time.monotonic()
+        if self.waiting and now >= self.next_check:
+            self.next_check = now + self.poll
+            for t in list(self.waiting):
+                if self.ks.tile_done(*t):
+                    del self.waiting[t]
+                    self.by_others += 1
+                elif self._take(t):
+                    del self.waiting[t]
+                    self.left -= 1
+                    return t
+        return None
+
+    def more_later(self) -> bool:
+        return self.left > 0 and bool(self.waiting)
+
+
+def _compute_tiles(
+    cl, ks, ds, summary, *, limit, retries, token, task_threads, max_tiles, progress, say
+):
     plan = ks.plan
-    missing = plan.largest_first(ks.missing_tiles())
+    missing = plan.usable_first(ks.missing_tiles(), n_train=ks.n_train, last_round=limit)
     done_before = plan.n_tiles - len(missing)
     entries_total = plan.n * plan.n
     entries_before = entries_total - sum(plan.entries(t) for t in missing)
+    todo = len(missing) if max_tiles is None else min(max_tiles, len(missing))
     say(
         f"deqntk: {ks.path}: n={plan.n}, tile={plan.tile}, {plan.n_tiles} tiles; "
-        f"{done_before} done, computing {len(missing)}"
+        f"{done_before} done, computing {todo}"
     )
-    jobs = [
-        TileJob(
+
+    def job_for(t: tuple[int, int]) -> TileJob:
+        i, j = t
+        return TileJob(
             store=ks.path,
             dataset=ds.path,
             i=i,
@@ -625,48 +588,65 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
             cols=plan.bounds(j),
             threads=task_threads,
             options=dict(ks.options),
+            identity=ks.identity_digest,
         )
-        for i, j in missing
-    ]
+
     bar = Progress(
-        plan.n_tiles, done_before, entries_total, entries_before, enabled=progress and bool(jobs)
+        plan.n_tiles, done_before, entries_total, entries_before, enabled=progress and bool(todo)
     )
-    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}}
+    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}, "tiles": 0}
     acc.update(compute=0.0, read=0.0, write=0.0, compute_cpu=0.0, write_cpu=0.0)
 
-    def on_result(r: dict) -> None:
-        acc["entries"] += r["entries"]
-        acc["bytes"] += r["bytes"]
-        acc["res"] = max(acc["res"], r["max_residual"])
-        acc["compute"] += r["seconds"]
-        acc["read"] += r["read_seconds"]
-        acc["write"] += r["write_seconds"]
-        acc["compute_cpu"] += r["cpu_seconds"]
-        acc["write_cpu"] += r["write_cpu_seconds"]
-        acc["peak"][r["pid"]] = max(acc["peak"].get(r["pid"], 0), r["peak_rss"])
-        bar.update(r["entries"])
-
     t0 = time.perf_counter()
-    failures = (
-        _run_jobs(
-            cl, run_tile, jobs, limit=limit, retries=retries, token=token, on_result=on_result
+    with TileLeases(ks.path) as leases:
+        source = _TileSource(
+            ks, missing, leases, max_tiles=max_tiles, poll=LEASE_POLL_SECONDS, say=say
         )
-        if jobs
-        else []
-    )
+
+        def next_job():
+            t = source()
+            return None if t is None else job_for(t)
+
+        def on_result(job: TileJob, r: dict) -> None:
+            leases.release(job.i, job.j)
+            acc["tiles"] += 1
+            acc["entries"] += r["entries"]
+            acc["bytes"] += r["bytes"]
+            acc["res"] = max(acc["res"], r["max_residual"])
+            acc["compute"] += r["seconds"]
+            acc["read"] += r["read_seconds"]
+            acc["write"] += r["write_seconds"]
+            acc["compute_cpu"] += r["cpu_seconds"]
+            acc["write_cpu"] += r["write_cpu_seconds"]
+            acc["peak"][r["pid"]] = max(acc["peak"].get(r["pid"], 0), r["peak_rss"])
+            bar.update(r["entries"])
+
+        failures = _run_jobs(
+            cl,
+            run_tile,
+            next_job,
+            limit=limit,
+            retries=retries,
+            token=token,
+            on_result=on_result,
+            on_failure=lambda job: leases.release(job.i, job.j),
+            more_later=source.more_later,
+        )
     seconds = time.perf_counter() - t0
     bar.close()
     if failures:
         _raise_failures(failures)
-    computed = len(jobs)
-    still = ks.missing_tiles()
-    if still:  # cannot happen unless the store was changed under us
-        raise StoreError(f"{ks.path}: {len(still)} tiles still missing after the run: {still[:5]}")
+    if max_tiles is None:
+        still = ks.missing_tiles()
+        if still:  # cannot happen unless the store was changed under us
+            raise StoreError(
+                f"{ks.path}: {len(still)} tiles still missing after the run: {still[:5]}"
+            )
     return ComputeReport(
         store=ks.path,
         tiles_total=plan.n_tiles,
         tiles_done_before=done_before,
-        tiles_computed=computed,
+        tiles_computed=acc["tiles"],
         entries_computed=acc["entries"],
         seconds=seconds,
         entries_per_second=acc["entries"] / seconds if seconds > 0 else 0.0,
@@ -680,4 +660,5 @@ def _compute_tiles(cl, ks, ds, summary, *, limit, retries, token, task_threads, 
         write_cpu_seconds=acc["write_cpu"],
         tile=plan.tile,
         workers=summary["workers"],
+        tiles_by_others=source.by_others,
     )

@@ -15,12 +15,17 @@ from .errors import InputError
 __all__ = [
     "BYTES_PER_TILE_ENTRY",
     "DIAGONAL_COST",
+    "FC_PAIR_SECONDS",
+    "MIN_CHECKED_TILES",
     "TILES_PER_WORKER",
     "TILE_ALIGN",
+    "TILE_OVERHEAD_SECONDS",
     "TilePlan",
     "cdeq_pair_seconds",
     "cdeq_pixel_pairs",
+    "check_plan_size",
     "choose_tile",
+    "fc_pair_seconds",
     "tile_cap",
 ]
 
@@ -42,6 +47,15 @@ SLICE_SECONDS = 3e-6
 #: Peak worker bytes per tile entry: float64 Gram + ntk + nngp + residual scratch
 #: (4 x 8 bytes) plus the cast and transposed store copies of two kernels (4 x 4 bytes).
 BYTES_PER_TILE_ENTRY = 48
+#: FC kernel seconds per entry on one core, a lower bound (README: 1.5e7 ReLU entries/s
+#: on one thread; tanh and gelu use 2-D quadrature, measured ~7.5e-4 s on a loaded core).
+FC_PAIR_SECONDS = {"relu": 7e-8, "erf": 1e-7, "tanh": 3e-4, "gelu": 3e-4}
+#: Fixed cost of one tile besides its maths (a scheduler task, two row reads, ~16 small
+#: ledger and chunk files), an optimistic bound: 64-row tiles measured 0.11 worker-seconds
+#: each on the loaded 2-core development machine.
+TILE_OVERHEAD_SECONDS = 0.02
+#: Plans with at most this many tiles are never refused as overhead-bound.
+MIN_CHECKED_TILES = 1000
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -111,6 +125,51 @@ class TilePlan:
         c0, c1 = self.bounds(j)
         return (r1 - r0) * (c1 - c0) * (DIAGONAL_COST if i == j else 1.0)
 
+    def usable_first(
+        self,
+        tiles: list[tuple[int, int]],
+        *,
+        n_train: int | None = None,
+        last_round: int = 0,
+    ) -> list[tuple[int, int]]:
+        """``tiles`` in the order that keeps a partly computed store usable.
+
+        Training row block by row block (the blocks holding rows below ``n_train``): block
+        ``K``'s diagonal tile, its tiles against the blocks before it, then against every
+        test block; the test x test tiles last.  When the first ``K`` training blocks are
+        done, the leading ``K`` x ``K`` block of the Gram is complete and so are the test
+        rows against it, which is what a solve of an interrupted store
+        (``--allow-incomplete``) uses.  The final ``last_round`` tiles (those that run in
+        the last round of a job) go largest first, so workers finish together.
+
+        Parameters
+        ----------
+        tiles : list of (int, int)
+            Upper-triangle tiles of this plan (e.g. the missing ones).
+        n_train : int, optional
+            Training rows (default: all rows).
+        last_round : int
+            Tiles at the end reordered by decreasing :meth:`cost`.
+        """
+        nt = self.n if n_train is None else int(n_train)
+        blocks = range(self.n_blocks)
+        train = [b for b in blocks if self.bounds(b)[0] < nt]
+        test = [b for b in blocks if self.bounds(b)[0] >= nt]
+        seq: list[tuple[int, int]] = []
+        for k in train:
+            seq.append((k, k))
+            seq.extend((i, k) for i in range(k))
+            seq.extend((k, t) for t in test)
+        for pos, k in enumerate(test):
+            seq.append((k, k))
+            seq.extend((t, k) for t in test[:pos])
+        rank = {t: r for r, t in enumerate(seq)}
+        out = sorted(tiles, key=rank.__getitem__)
+        if last_round > 0:
+            head, tail = out[:-last_round], out[-last_round:]
+            out = head + sorted(tail, key=lambda t: -self.cost(t))
+        return out
+
     def largest_first(self, tiles: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """``tiles`` by decreasing :meth:`cost`, plan order among equals.
 
@@ -155,6 +214,54 @@ def cdeq_pair_seconds(spec, feature_shape) -> float:
     pixels, slices = cdeq_pixel_pairs(spec.readout, spec.pool_size, H, W)
     seconds = PIXEL_PAIR_SECONDS * pixels + SLICE_SECONDS * slices
     return seconds * (2 if spec.hflip else 1)
+
+
+def fc_pair_seconds(spec) -> float:
+    """Lower bound of the FC kernel's seconds per entry on one core (twice with ``hflip``)."""
+    seconds = FC_PAIR_SECONDS.get(spec.activation, max(FC_PAIR_SECONDS.values()))
+    return seconds * (2 if spec.hflip else 1)
+
+
+def check_plan_size(n: int, tile: int, *, pair_seconds: float, files_per_tile: int) -> None:
+    """Refuse a tiling whose fixed per-tile costs would dwarf the kernel maths.
+
+    A plan with more than :data:`MIN_CHECKED_TILES` tiles is refused when its tiles'
+    fixed cost (:data:`TILE_OVERHEAD_SECONDS` each) exceeds twice the estimated compute
+    of the whole Gram (``n (n + 1) / 2 * pair_seconds``): e.g. a tile of 1 on 400 rows
+    (80,200 tiles, 1.3 million files, for milliseconds of maths), while 64-row CDEQ tiles
+    whose pairs take seconds pass.
+
+    Parameters
+    ----------
+    n : int
+        Rows of the Gram.
+    tile : int
+        Tile side.
+    pair_seconds : float
+        Seconds per kernel entry on one core (:func:`fc_pair_seconds`,
+        :func:`cdeq_pair_seconds`).
+    files_per_tile : int
+        Files an off-diagonal tile writes (for the message).
+
+    Raises
+    ------
+    InputError
+        Naming ``tile``, the tile and file counts, the limit and a tile that passes.
+    """
+    plan = TilePlan(n=n, tile=tile)
+    compute = n * (n + 1) / 2 * pair_seconds
+    limit = max(MIN_CHECKED_TILES, int(2 * compute / TILE_OVERHEAD_SECONDS))
+    if plan.n_tiles <= limit:
+        return
+    blocks = int((math.isqrt(8 * limit + 1) - 1) // 2)
+    suggest = -(-n // max(1, blocks))
+    raise InputError(
+        f"tile must give at most {limit:,} tiles for n = {n:,} rows (each tile costs "
+        f"~{TILE_OVERHEAD_SECONDS:g} s of scheduling and ~{files_per_tile} files, against "
+        f"~{compute:.3g} s of kernel maths in all), got tile {tile}: {plan.n_tiles:,} tiles "
+        f"and ~{plan.n_tiles * files_per_tile:,} files; use --tile {suggest} or larger, or "
+        "leave --tile out for the default"
+    )
 
 
 def tile_cap(n: int, *, workers: int, pair_seconds: float | None = None) -> int:

@@ -15,10 +15,12 @@ Methods (all read the store in row bands, lower triangle only, see :mod:`.linalg
 ``auto``      the first of ``cholesky-float64``, ``cholesky-mixed``, ``cg-nystrom`` that
               fits the memory limit.
 
-Results are written back into the kernel store as ``results/<kernel>`` (``alpha``,
-``predictions``, ``train_rows``, ``test_rows``, the report in its attrs) by building the group
-aside and renaming it into place, so a crash (e.g. a BLAS segfault, DESIGN §5) leaves either
-the previous results or the new ones, never a mix.
+Results are written back into the kernel store as a new version of ``results/<kernel>``
+(``alpha``, ``predictions``, ``train_rows``, ``test_rows``, the report in its attrs) behind
+one pointer (:mod:`.results`), so a crash (e.g. a BLAS segfault, DESIGN §5) leaves either
+the previous results or the new ones, never a mix.  Where the results will go (the store,
+``report_path``) is checked before the solve; if writing fails after it anyway, the report
+and arrays are saved to a temporary directory and the error says where.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import os
 import re
 import resource
-import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -37,7 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IncompleteStoreError, InputError, NotPositiveDefiniteError, SolveError
+from .errors import (
+    IncompleteStoreError,
+    InputError,
+    NotPositiveDefiniteError,
+    SolveError,
+    StoreError,
+)
 from .linalg import (
     IndexedBlocks,
     as_block_source,
@@ -316,8 +324,12 @@ class SolveReport:
         """Write :meth:`to_dict` to ``path`` atomically (temporary file + rename)."""
         p = Path(path)
         tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, p)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, p)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _jsonable(o):
@@ -590,9 +602,10 @@ def solve_store(
         Solve a partial store on the training / test rows whose tiles are all done
         (:func:`complete_rows`); otherwise a store with missing tiles is refused.
     write_results : bool
-        Write ``results/<kernel>`` into the store (atomically).
+        Write ``results/<kernel>`` into the store (a new version behind one pointer, see
+        :mod:`.results`).
     report_path : str or Path, optional
-        Also write the JSON report there.
+        Also write the JSON report there (its directory must exist).
     ridges, method, memory_limit, val_fraction, seed, tol, max_iter, rank
         As in :func:`kernel_ridge`.
 
@@ -604,7 +617,14 @@ def solve_store(
     ------
     IncompleteStoreError
         Missing tiles and ``allow_incomplete`` is False, or nothing complete to solve on.
-    StoreError, InputError, SolveError
+    StoreError
+        The store cannot be read, or the results cannot be written there (checked before
+        the solve; a failure after it saves the results to a temporary directory named in
+        the message).
+    InputError
+        Bad parameters, or ``report_path`` in a directory that does not exist or cannot be
+        written (checked before the solve).
+    SolveError
     """
     from .store import open_kernel_store
 
@@ -613,6 +633,7 @@ def solve_store(
         raise InputError(
             f"kernel must be one of {store.kernels} (in {store.path}), got {kernel!r}"
         )
+    _check_destinations(store.path, kernel, write_results, report_path)
     labels = store.labels()
     if labels.shape != (store.n,):
         raise SolveError(
@@ -637,7 +658,7 @@ def solve_store(
             )
     else:
         train_rows, test_rows = np.arange(nt), np.arange(nt, store.n)
-    arr = store.array(kernel)
+    arr = _GuardedArray(store.array(kernel), f"{store.path}/{kernel}")
     K_train = IndexedBlocks(arr, train_rows, train_rows)
     K_test = IndexedBlocks(arr, test_rows, train_rows) if test_rows.size else None
     n_classes = int(labels.max()) + 1 if labels.size else 1
@@ -660,45 +681,94 @@ def solve_store(
     )
     report.store = store.path
     report.incomplete = bool(missing)
+    failed = []
     if write_results:
-        _write_results(Path(store.path), kernel, report, train_rows, test_rows)
+        from .results import write_results as write_version
+
+        arrays = {
+            "alpha": report.alpha,
+            "train_rows": train_rows,
+            "test_rows": test_rows,
+            "predictions": report.predictions
+            if report.predictions is not None
+            else np.zeros((0, report.n_classes)),
+        }
+        try:
+            write_version(store.path, kernel, arrays, {"report": report.to_dict()})
+        except OSError as exc:
+            failed.append(f"results/{kernel} into {store.path} ({exc.strerror or exc})")
     if report_path is not None:
-        report.write_json(report_path)
+        try:
+            report.write_json(report_path)
+        except OSError as exc:
+            failed.append(f"the report to {report_path} ({exc.strerror or exc})")
+    if failed:
+        where = _save_elsewhere(report, train_rows, test_rows)
+        raise StoreError(f"could not write {' or '.join(failed)}; {where}")
     return report
 
 
-def _write_results(path: Path, kernel: str, report: SolveReport, train_rows, test_rows) -> None:
-    """``results/<kernel>`` built aside, then renamed into place (old results replaced)."""
-    import zarr
+class _GuardedArray:
+    """A kernel array whose read failures (corrupt chunks) raise :class:`StoreError` naming
+    the block, not tracebacks from the codec."""
 
-    root = zarr.open_group(str(path), mode="r+")
-    if "results" not in root:
-        root.create_group("results")
-    parent = path / "results"
-    tmp = parent / f".{kernel}.tmp-{uuid.uuid4().hex[:12]}"
-    final = parent / kernel
-    old = parent / f".{kernel}.old-{uuid.uuid4().hex[:12]}"
-    try:
-        g = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        for name, value in (
-            ("alpha", report.alpha),
-            ("train_rows", train_rows),
-            ("test_rows", test_rows),
-            ("predictions", report.predictions),
-        ):
-            if value is None:
-                value = np.zeros((0, report.n_classes))
-            a = g.create_array(
-                name,
-                shape=value.shape,
-                dtype=value.dtype,
-                chunks=tuple(max(1, d) for d in value.shape),
+    def __init__(self, arr, what: str):
+        self.arr, self.what = arr, what
+        self.shape, self.dtype, self.chunks = arr.shape, arr.dtype, arr.chunks
+
+    def __getitem__(self, key):
+        try:
+            return self.arr[key]
+        except Exception as exc:
+            rows, cols = key
+            raise StoreError(
+                f"{self.what}[{rows.start}:{rows.stop}, {cols.start}:{cols.stop}] is "
+                f"unreadable: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _check_destinations(store_path: str, kernel: str, write_results: bool, report_path) -> None:
+    """Refuse, before any work, destinations the results could not be written to."""
+    if write_results:
+        from .results import prepare_results
+
+        try:
+            prepare_results(store_path, kernel)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write results into kernel store {store_path} ({exc.strerror or exc}"
+                f"{': ' + str(exc.filename) if exc.filename else ''}); make it writable or "
+                "pass --no-write (write_results=False)"
+            ) from exc
+    if report_path is not None:
+        parent = Path(report_path).absolute().parent
+        if not parent.is_dir():
+            raise InputError(
+                f"report must be a file in an existing directory, got {report_path} "
+                f"({parent} does not exist)"
             )
-            a[...] = value
-        g.attrs.update({"report": report.to_dict(), "complete": True})
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        probe = parent / f".{Path(report_path).name}.probe-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"\0" * 4096)
+        except OSError as exc:
+            raise InputError(
+                f"report must be a writable path, got {report_path} "
+                f"({exc.strerror or exc} in {parent})"
+            ) from exc
+        finally:
+            if probe.exists():
+                probe.unlink()
+
+
+def _save_elsewhere(report: SolveReport, train_rows, test_rows) -> str:
+    """Save the report and arrays to a new temporary directory; a sentence saying where."""
+    try:
+        d = Path(tempfile.mkdtemp(prefix="deqntk-solve-"))
+        report.write_json(d / "report.json")
+        arrays = {"alpha": report.alpha, "train_rows": train_rows, "test_rows": test_rows}
+        if report.predictions is not None:
+            arrays["predictions"] = report.predictions
+        np.savez(d / "results.npz", **arrays)
+    except OSError as exc:
+        return f"the result could not be saved elsewhere either ({exc})"
+    return f"the result was saved to {d} (report.json, results.npz)"

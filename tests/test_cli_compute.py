@@ -64,6 +64,13 @@ def test_sigkill_then_rerun_completes_exactly_the_missing_tiles(tmp_path, rng):
     led = ks.ledger()
     before = {t for t in ks.plan.tiles() if led["done"][t]}
     assert 0 < len(before) < n_tiles
+    # the killed store is usable: tiles ran training block by block (each with its test
+    # tiles), so >= 20 finished tiles (2 in flight) complete the shells of blocks 0 and 1
+    # (4 + 5 tiles) and every test row of the test blocks (352..399) against them
+    from deqntk_dist.solve import solve_store
+
+    part = solve_store(store, ridges=[1e-3], allow_incomplete=True, write_results=False)
+    assert part.n_train >= 32 and part.n_test == 48, (part.n_train, part.n_test, len(before))
     rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     m = re.search(r"(\d+) done, computing (\d+)", rerun.stderr)
@@ -182,3 +189,79 @@ def test_compute_on_an_existing_scheduler(tmp_path, rng):
     ks = open_kernel_store(tmp_path / "ks")
     full = kernel_matrix(SPEC, x.astype(np.float32))
     np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))
+
+
+# ------------------------------------------------------------------ issue 12 hardening
+def _sigint_default():
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # as in a terminal (not a background job)
+
+
+def test_two_jobs_on_one_store_share_the_tiles(tmp_path, rng):
+    """Two `deqntk compute` processes on one store: each tile is computed by exactly one of
+    them (leases), both finish, the store is the untiled Gram."""
+    n = 160
+    x = rng.normal(size=(n, 10))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    store = str(tmp_path / "ks")
+    gelu = ["--activation", "gelu", "--what", "ntk"]  # slow tiles (quadrature): overlap
+    cmd = _cli("compute", ds.path, store, *SPEC_ARGS, *gelu, "--tile", 16, "--workers", 1,
+               "--no-progress")  # fmt: skip
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while _done_files(store) < 4 and time.monotonic() < deadline and a.poll() is None:
+        time.sleep(0.02)
+    b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_a, err_a = a.communicate(timeout=600)
+    out_b, err_b = b.communicate(timeout=600)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    counts = [int(re.search(r"computed (\d+) tiles", out).group(1)) for out in (out_a, out_b)]
+    assert sum(counts) == 55 and min(counts) > 0, (out_a, out_b)
+    print("tiles computed by each job:", counts)
+    spec = DEQSpec(sigma_w2=1.1, sigma_u2=0.7, sigma_b2=0.05, activation="gelu")
+    full = kernel_matrix(spec, x.astype(np.float32)).ntk.astype(np.float32)
+    np.testing.assert_array_equal(open_kernel_store(store).array("ntk")[...], full)
+    ok = subprocess.run(_cli("verify", store), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout
+    leases = [p for p in (tmp_path / "ks" / "leases").rglob("*") if p.is_file() and p.name == "0"]
+    assert leases == []
+
+
+def test_ctrl_c_and_a_full_disk_end_with_one_clear_line(tmp_path, rng, small_fs):
+    n = 2000
+    x = rng.normal(size=(n, 50))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    store = tmp_path / "ks"
+    cmd = _cli("compute", ds.path, store, "--tile", 64, "--workers", 2, "--no-progress")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=_sigint_default,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while _done_files(store) < 20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "deqntk compute: interrupted"
+    assert len(err.strip().splitlines()) <= 3, err
+    assert [
+        p for p in (store / "leases").rglob("*") if p.is_file() and p.name == "0"
+    ] == []  # released
+    fs = small_fs("3m")
+    full = subprocess.run(
+        _cli("compute", ds.path, fs.path / "ks", "--tile", 256, "--workers", 2, "--no-progress"),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 2 and "Traceback" not in full.stderr and len(lines) <= 4, lines
+    assert "No space left on device" in lines[-1] and "finished tiles are kept" in lines[-1]
+    assert lines[0].startswith("deqntk: warning:") and "GB free" in lines[0]
+
+
+def test_multi_line_errors_become_one_line():
+    from deqntk_dist.cli import _one_line
+
+    exc = ValueError("store was made with different settings; delete it:\n  spec: a\n  tile: b")
+    assert _one_line(exc) == "store was made with different settings; delete it: spec: a; tile: b"

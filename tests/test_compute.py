@@ -248,3 +248,264 @@ def test_dataset_replaced_under_a_store_is_refused(tmp_path, rng, client):
     )
     with pytest.raises(StoreMismatchError, match="dataset fingerprint"):
         compute_kernel_store(tmp_path / "ds", tmp_path / "ks", SPEC, client=client)
+
+
+# ------------------------------------------------------------------ issue 12 hardening
+def _no_cluster(monkeypatch):
+    """Make starting a cluster a test failure (for checks that must come first)."""
+    import deqntk_dist.compute as compute_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cluster was started before the check")
+
+    monkeypatch.setattr(compute_mod, "dask_client", refuse)
+
+
+def test_a_resume_never_mixes_two_identities(tmp_path, rng, client):
+    """A store whose spec was edited in zarr.json after tiles were written: verify reports
+    it, a resume with the edited spec is refused (or recomputes those tiles on request),
+    a resume with the original spec is told the attrs were edited."""
+    import zarr
+
+    from deqntk_dist.errors import StoreMismatchError
+
+    n = 60
+    x = rng.normal(size=(n, 5))
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, n), n_train=50, name="t")
+    store = tmp_path / "ks"
+    rep = compute_kernel_store(
+        ds, store, SPEC, tile=16, kernels=("ntk",), max_tiles=3, client=client, progress=False
+    )
+    assert rep.tiles_computed == 3 and rep.tiles_total == 10
+    root = zarr.open_group(str(store), mode="r+")
+    edited = DEQSpec(sigma_w2=0.5, sigma_u2=0.8, sigma_b2=0.2)
+    root.attrs["spec"] = edited.to_dict()
+    assert any("3 finished tiles were computed under another identity" in p
+               for p in verify_kernel_store(store))  # fmt: skip
+    with pytest.raises(StoreMismatchError, match=r"3 finished tiles were computed under another"):
+        compute_kernel_store(ds, store, edited, client=client, progress=False)
+    with pytest.raises(StoreMismatchError, match=r"computed with the requested settings"):
+        compute_kernel_store(ds, store, SPEC, client=client, progress=False)
+    assert len(open_kernel_store(store).missing_tiles()) == 7  # nothing was written
+    rep = compute_kernel_store(
+        ds, store, edited, recompute_mismatched=True, client=client, progress=False
+    )
+    assert rep.tiles_computed == 10 and rep.tiles_done_before == 0
+    full = kernel_matrix(edited, x.astype(np.float32)).ntk.astype(np.float32)
+    np.testing.assert_array_equal(open_kernel_store(store).array("ntk")[...], full)
+    assert verify_kernel_store(store) == []
+
+
+def test_a_store_from_older_software_resumes(tmp_path, rng, client):
+    """No identity ledger, no leases, no label checksum (older layout): opens, resumes
+    (new tiles carry digests, the old ones are noted), verifies."""
+    import shutil
+
+    import zarr
+
+    n = 50
+    x = rng.normal(size=(n, 4))
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, n), n_train=40, name="t")
+    store = tmp_path / "ks"
+    compute_kernel_store(ds, store, SPEC, tile=16, max_tiles=4, client=client, progress=False)
+    for sub in ("ledger/identity", "leases"):
+        shutil.rmtree(store / sub)
+    labels = zarr.open_array(str(store / "labels"), mode="r+")
+    labels.attrs.pop("crc32")
+    spec = dict(zarr.open_group(str(store)).attrs["spec"])
+    spec.pop("hflip")
+    zarr.open_group(str(store), mode="r+").attrs["spec"] = spec  # an older spelling
+    notes = []
+    assert len(verify_kernel_store(store, notes=notes)) == 1  # 6 of 10 tiles not done
+    assert any("without identity digests" in s for s in notes)
+    rep = compute_kernel_store(ds, store, SPEC, client=client, progress=False)
+    assert (rep.tiles_computed, rep.tiles_done_before) == (6, 4)
+    notes = []
+    assert verify_kernel_store(store, notes=notes) == []
+    assert notes == ["4 tiles written without identity digests (older software)"]
+    full = kernel_matrix(SPEC, x.astype(np.float32))
+    ks = open_kernel_store(store)
+    np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))
+
+
+def test_tile_is_clamped_to_n_and_absurd_plans_are_refused(tmp_path, rng, client, monkeypatch):
+    n = 40
+    x = rng.normal(size=(n, 4))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    rep = compute_kernel_store(
+        ds, tmp_path / "ks", SPEC, tile=100000, kernels=("ntk",), client=client, progress=False
+    )
+    assert (rep.tile, rep.tiles_total) == (n, 1)
+    assert rep.bytes_written == n * n * 4  # not a 100000 x 100000 chunk
+    again = compute_kernel_store(ds, tmp_path / "ks", SPEC, tile=4000, client=client)
+    assert again.tiles_computed == 0 and again.tile == n
+    big = write_dataset_store(
+        tmp_path / "ds2", rng.normal(size=(400, 4)), np.zeros(400, int), n_train=400, name="t"
+    )
+    _no_cluster(monkeypatch)
+    with pytest.raises(InputError, match=r"at most 1,000 tiles .* got tile 1: 80,200 tiles"):
+        compute_kernel_store(big, tmp_path / "ks2", SPEC, tile=1)
+    assert not (tmp_path / "ks2").exists()
+
+
+def test_a_legacy_store_with_a_huge_tile_is_refused_clearly(tmp_path, rng, monkeypatch):
+    """Older software recorded tiles larger than n (chunks padded to tile x tile)."""
+    import json
+
+    import deqntk_dist.store.resume as resume_mod
+    from deqntk_dist.store import create_kernel_store
+
+    n = 40
+    ds = write_dataset_store(
+        tmp_path / "ds", rng.normal(size=(n, 4)), np.zeros(n, int), n_train=n, name="t"
+    )
+    ks = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=n, kernels=("ntk",))
+    for meta in (tmp_path / "ks" / "zarr.json", tmp_path / "ks" / "ntk" / "zarr.json"):
+        d = json.loads(meta.read_text())
+        if "tile" in d.get("attributes", {}):
+            d["attributes"]["tile"] = 100000
+        else:
+            d["chunk_grid"]["configuration"]["chunk_shape"] = [100000, 100000]
+        meta.write_text(json.dumps(d))
+    assert open_kernel_store(ks.path).tile == 100000
+    monkeypatch.setattr(resume_mod, "MAX_CHUNK_BYTES", 2**20)
+    _no_cluster(monkeypatch)
+    with pytest.raises(StoreError, match=r"made by older software with tile 100000 > n = 40"):
+        compute_kernel_store(ds, ks.path, SPEC, tile=100000)
+    with pytest.raises(StoreError, match=r"tile 100000 > n = 40"):
+        compute_kernel_store(ds, ks.path, SPEC)
+
+
+def test_bad_runtime_arguments_and_read_only_stores_fail_before_a_cluster(
+    tmp_path, rng, monkeypatch, small_fs
+):
+    n = 30
+    ds = write_dataset_store(
+        tmp_path / "ds", rng.normal(size=(n, 4)), np.zeros(n, int), n_train=n, name="t"
+    )
+    fs = small_fs("8m")
+    from deqntk_dist.store import create_kernel_store
+
+    create_kernel_store(fs.path / "ks", ds, SPEC, tile=16)
+    fs.readonly()
+    _no_cluster(monkeypatch)
+    with pytest.raises(StoreError, match=r"kernel store .*ks is not writable"):
+        compute_kernel_store(ds, fs.path / "ks", SPEC)
+    with pytest.raises(StoreError, match=r"cannot create kernel store at .*ks2"):
+        compute_kernel_store(ds, fs.path / "ks2", SPEC)
+    with pytest.raises(InputError, match=r"memory_budget must be an integer >= 1048576, got 0"):
+        compute_kernel_store(ds, tmp_path / "k3", SPEC, memory_budget=0)
+    with pytest.raises(InputError, match=r"task_threads must be an integer >= 1, got -3"):
+        compute_kernel_store(ds, tmp_path / "k3", SPEC, task_threads=-3)
+    with pytest.raises(InputError, match=r"max_tiles must be an integer >= 1, got 0"):
+        compute_kernel_store(ds, tmp_path / "k3", SPEC, max_tiles=0)
+    from deqntk_dist.cli import main
+
+    for flags in (["--memory-budget", "0"], ["--task-threads", "-3"]):
+        assert main(["compute", ds.path, str(tmp_path / "k4"), *flags]) == 2
+    assert not (tmp_path / "k3").exists() and not (tmp_path / "k4").exists()
+
+
+def test_an_interrupted_store_solves_on_a_leading_block(tmp_path, rng, client):
+    """Tiles run training block by training block (each with its test tiles), so a store
+    stopped after k tiles has the leading block those k tiles can cover."""
+    from deqntk_dist.solve import solve_store
+
+    n, n_train = 150, 120
+    centres = 3 * rng.normal(size=(3, 6))
+    y = rng.integers(0, 3, n)
+    x = centres[y] + rng.normal(size=(n, 6))
+    ds = write_dataset_store(tmp_path / "ds", x, y, n_train=n_train, name="t")
+    # blocks of 32: training blocks 0..3 (3 straddles n_train), test block 4; shells of
+    # 2, 3, 4, 5 tiles: after 9 tiles the leading 96 x 96 block is done, and so are the
+    # test rows of block 4 against it (those of block 3 come with its shell)
+    rep = compute_kernel_store(
+        ds, tmp_path / "ks", SPEC, tile=32, kernels=("ntk",), max_tiles=9, client=client,
+        progress=False,
+    )  # fmt: skip
+    assert rep.tiles_computed == 9
+    sol = solve_store(tmp_path / "ks", ridges=[1e-3], allow_incomplete=True, write_results=False)
+    assert (sol.n_train, sol.n_test) == (96, 22)
+    assert sol.incomplete and sol.accuracy > 0.8
+
+
+def _lease(store, i, j, *, host, pid, start, age=0.0):
+    import json
+    import os
+    import time
+
+    path = os.path.join(store, "leases", "c", str(i), str(j), "0")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rec = {"token": "f" * 32, "host": host, "pid": pid, "start": start}
+    with open(path, "wb") as f:
+        f.write(json.dumps(rec).encode().ljust(256, b"\0"))
+    t = time.time() - age
+    os.utime(path, (t, t))
+    return path
+
+
+def test_stale_leases_are_taken_over(tmp_path, rng, client):
+    """Leases of a killed job: not renewed for longer than the ttl (another host), or of a
+    process that no longer exists on this host; both are taken over at once."""
+    import socket
+    import subprocess
+    import sys
+
+    from deqntk_dist.store import create_kernel_store
+
+    n = 40
+    x = rng.normal(size=(n, 4))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    ks = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=16, kernels=("ntk",))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout  # fmt: skip
+    paths = [
+        _lease(ks.path, 0, 0, host="elsewhere", pid=1, start=0.0, age=1000.0),
+        _lease(ks.path, 1, 1, host=socket.gethostname(), pid=int(dead), start=1.0),
+    ]
+    logs = []
+    rep = compute_kernel_store(ds, ks.path, SPEC, client=client, progress=False, log=logs.append)
+    assert rep.tiles_computed == 6 and rep.tiles_by_others == 0
+    assert not any("another job" in m for m in logs)
+    assert not any(os.path.exists(p) for p in paths)
+    assert verify_kernel_store(ks.path) == []
+
+
+def test_a_tile_leased_by_a_live_job_is_left_to_it(tmp_path, rng, client):
+    import psutil
+
+    from deqntk_dist.store import create_kernel_store
+
+    n = 40
+    x = rng.normal(size=(n, 4))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    ks = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=16, kernels=("ntk",))
+    import socket
+
+    me = psutil.Process()
+    lease = _lease(
+        ks.path, 1, 2, host=socket.gethostname(), pid=me.pid, start=round(me.create_time(), 3)
+    )
+    logs, out = [], {}
+
+    def job():
+        out["report"] = compute_kernel_store(
+            ds, ks.path, SPEC, client=client, progress=False, log=logs.append
+        )
+
+    th = threading.Thread(target=job)
+    th.start()
+    deadline = time.monotonic() + 120
+    while not any("another job" in m for m in logs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert th.is_alive() and open_kernel_store(ks.path).missing_tiles() == [(1, 2)]
+    # the other job finishes its tile and releases the lease
+    X = ds.rows(0, n)
+    res = kernel_matrix(SPEC, X[16:32], X[32:40])
+    writer = open_kernel_store(ks.path, writable=True)
+    writer.write_tile(1, 2, {"ntk": res.ntk}, max_residual=0.0, iterations=1, seconds=0.0)
+    os.unlink(lease)
+    th.join(120)
+    rep = out["report"]
+    assert (rep.tiles_computed, rep.tiles_by_others) == (5, 1)
+    assert verify_kernel_store(ks.path) == []

@@ -273,3 +273,25 @@ def test_out_is_validated(rng):
     ]:
         with pytest.raises(InputError, match=needle):
             kernel_matrix(SPECS["relu"], X, Y, out=out)
+
+
+def test_overflowing_inputs_are_an_input_error_not_non_convergence(rng):
+    """Inputs whose inner products overflow float64 (X * 1e200) are named as such; large
+    but safe inputs still work (the ReLU kernel is homogeneous)."""
+    from deqntk_dist import CDEQSpec
+
+    X = rng.normal(size=(6, 7))
+    spec = SPECS["relu"]
+    for scale in (1e200, 1e80):
+        with pytest.raises(InputError, match=r"X must have input covariances .* overflow"):
+            kernel_matrix(spec, X * scale)
+        with pytest.raises(InputError, match=r"Y must have input covariances"):
+            kernel_matrix(spec, X, X * scale)
+    homogeneous = SPECS["relu_nobias"]  # no bias: K(cx, cy) = c^2 K(x, y)
+    big = kernel_matrix(homogeneous, X * 1e60).ntk
+    np.testing.assert_allclose(big / 1e120, kernel_matrix(homogeneous, X).ntk, rtol=1e-10)
+    images = rng.normal(size=(3, 5, 5, 1)) * 1e200
+    with pytest.raises(InputError, match="overflow"):
+        kernel_matrix(CDEQSpec(sigma_w2=1.0, sigma_u2=1.0), images)
+    with pytest.raises(InputError, match="overflow"):
+        self_covariance(spec, X * 1e200)

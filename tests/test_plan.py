@@ -122,3 +122,70 @@ def test_largest_first_orders_by_cost_and_keeps_row_order_among_equals():
     assert order[3:6] == [(0, 0), (1, 1), (2, 2)]
     assert plan.cost((0, 0)) == DIAGONAL_COST * 300 * 300
     assert order[-1] == (3, 3) and plan.cost((0, 3)) == 300 * 100
+
+
+def _leading_blocks(plan, done, n_train):
+    """Training blocks 0..m-1 complete against each other (what complete_rows uses)."""
+    m = 0
+    train = [b for b in range(plan.n_blocks) if plan.bounds(b)[0] < n_train]
+    while m < len(train) and all((i, m) in done for i in range(m + 1)):
+        m += 1
+    return m
+
+
+def test_usable_first_keeps_a_leading_block_complete_at_every_moment():
+    """After any number of finished tiles (in order), the finished tiles cover the largest
+    leading block that many tiles can cover, with every test row against it; the old
+    largest-first order had no diagonal tile at all for most of a run."""
+    plan = TilePlan(n=1000, tile=100)
+    n_train = 750  # blocks 0..7 hold training rows (block 7 straddles), 8 and 9 test rows
+    order = plan.usable_first(plan.tiles(), n_train=n_train)
+    assert sorted(order) == plan.tiles()
+    assert order[:6] == [(0, 0), (0, 8), (0, 9), (1, 1), (0, 1), (1, 8)]
+    # shell k of a training block: its diagonal, k tiles against earlier blocks, 2 test tiles
+    shells = np.cumsum([1 + k + 2 for k in range(8)])
+    for k in range(len(order) + 1):
+        done = set(order[:k])
+        shells_done = int(np.searchsorted(shells, k, side="right"))
+        m = _leading_blocks(plan, done, n_train)
+        # complete shells, and the next block once its training tiles are in
+        assert shells_done <= m <= shells_done + 1
+        assert all((b, t) in done for b in range(shells_done) for t in (8, 9))
+    assert set(order[-3:]) == {(8, 8), (8, 9), (9, 9)}  # test x test last
+    old = plan.largest_first(plan.tiles())
+    half = set(old[: len(old) // 2])
+    assert _leading_blocks(plan, half, n_train) == 0 and not any(i == j for i, j in half)
+
+
+def test_usable_first_balances_the_last_round():
+    plan = TilePlan(n=1000, tile=300)  # blocks of 300, 300, 300, 100
+    order = plan.usable_first(plan.tiles(), last_round=4)
+    plain = plan.usable_first(plan.tiles())
+    assert order[:-4] == plain[:-4] and sorted(order[-4:]) == sorted(plain[-4:])
+    costs = [plan.cost(t) for t in order[-4:]]
+    assert costs == sorted(costs, reverse=True)
+    # a subset (the tiles a resume still needs) keeps the same relative order
+    some = plain[::3]
+    assert plan.usable_first(some[::-1]) == some
+
+
+def test_absurd_plans_are_refused_with_the_numbers():
+    from deqntk_dist import CDEQSpec, DEQSpec
+    from deqntk_dist.plan import check_plan_size, fc_pair_seconds
+
+    fc = fc_pair_seconds(DEQSpec(sigma_w2=1.0, sigma_u2=1.0))
+    with pytest.raises(InputError) as e:
+        check_plan_size(400, 1, pair_seconds=fc, files_per_tile=16)
+    msg = str(e.value)
+    assert "tile must give at most 1,000 tiles for n = 400 rows" in msg
+    assert "got tile 1: 80,200 tiles and ~1,283,200 files" in msg and "--tile 10 " in msg
+    check_plan_size(400, 10, pair_seconds=fc, files_per_tile=16)  # the suggestion passes
+    check_plan_size(400, 16, pair_seconds=fc, files_per_tile=16)
+    check_plan_size(70000, 512, pair_seconds=fc, files_per_tile=16)
+    with pytest.raises(InputError, match="70,000 rows"):
+        check_plan_size(70000, 256, pair_seconds=fc, files_per_tile=16)
+    # small CDEQ gap tiles on 60k images are a sensible plan (each takes minutes)
+    from deqntk_dist.plan import cdeq_pair_seconds
+
+    gap = cdeq_pair_seconds(CDEQSpec(sigma_w2=1.0, sigma_u2=1.0, readout="gap"), (28, 28, 1))
+    check_plan_size(60000, 64, pair_seconds=gap, files_per_tile=16)

@@ -1,6 +1,8 @@
 """Regression stage: solvers against dense numpy, each other, and real kernel stores."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from deqntk_dist.errors import (
     InputError,
     NotPositiveDefiniteError,
     SolveError,
+    StoreError,
 )
 from deqntk_dist.linalg import (
     IndexedBlocks,
@@ -22,6 +25,7 @@ from deqntk_dist.linalg import (
     pcg,
     sym_matmul,
 )
+from deqntk_dist.results import read_results
 from deqntk_dist.solve import kernel_ridge, one_hot_targets, parse_memory, solve_store
 from deqntk_dist.store import create_kernel_store
 
@@ -179,7 +183,7 @@ def test_store_cholesky_and_cg_agree(big_store, tmp_path):
     pred = K[2400:, :2400].astype(np.float64) @ alpha
     assert chol.accuracy == np.mean(pred.argmax(1) == y[2400:]) and chol.accuracy > 0.8
     # results written back atomically, and the JSON report
-    res = zarr.open_group(f"{ks.path}/results/ntk", mode="r")
+    res = read_results(ks.path, "ntk")
     assert res.attrs["complete"] is True
     np.testing.assert_array_equal(res["alpha"][...], chol.alpha)
     np.testing.assert_array_equal(res["predictions"][...], chol.predictions)
@@ -219,7 +223,7 @@ def test_incomplete_store_refused_or_solved_on_complete_blocks(tmp_path, rng):
     assert _rel(rep.alpha, alpha) < 1e-8
     pred = K[np.ix_(test, train)].astype(np.float64) @ alpha
     np.testing.assert_allclose(rep.predictions, pred, atol=1e-8 * np.abs(pred).max())
-    res = zarr.open_group(f"{ks.path}/results/ntk", mode="r")
+    res = read_results(ks.path, "ntk")
     np.testing.assert_array_equal(res["train_rows"][...], train)
     np.testing.assert_array_equal(res["test_rows"][...], test)
     # only a test x test tile missing: every train and test row is still usable
@@ -307,3 +311,192 @@ def test_cli_solve_json(big_store, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert printed == saved and saved["ridges"] == [1e-3, 1e-1]
     assert len(saved["val_accuracy"]) == 2 and saved["ridge"] in (1e-3, 1e-1)
+
+
+# ------------------------------------------------------------- results writes (issue 12)
+_CRASH = """
+import os, sys
+import numpy as np
+import zarr
+import deqntk_dist.results as r
+
+store, step = sys.argv[1], sys.argv[2]
+
+def crash(*args, **kw):
+    if step == "_build_version":  # half a version: one array written, no attrs
+        zarr.open_group(str(args[0]), mode="w").create_array("alpha", shape=(2,), dtype="f8")
+    os._exit(7)
+
+setattr(r, step, crash)
+r.write_results(store, "ntk", {"alpha": np.full((3, 2), 2.0)}, {"report": {"run": 2}})
+"""
+
+
+def _run_of(path) -> int | None:
+    g = read_results(path, "ntk")
+    return None if g is None else g.attrs["report"]["run"]
+
+
+@pytest.mark.parametrize(
+    ("step", "seen"), [("_build_version", 1), ("_set_pointer", 1), ("_cleanup", 2)]
+)
+def test_results_are_old_or_new_whatever_step_a_crash_interrupts(tmp_path, step, seen):
+    """A process killed while writing results leaves what a reader sees at the previous
+    results (crash while building or before the pointer) or the new ones (after it), and
+    the next write removes everything the crash left."""
+    import subprocess
+    import sys
+
+    from deqntk_dist.results import write_results
+
+    store = tmp_path / "ks"
+    zarr.open_group(str(store), mode="w")
+    write_results(store, "ntk", {"alpha": np.ones((3, 2))}, {"report": {"run": 1}})
+    crashed = subprocess.run([sys.executable, "-c", _CRASH, str(store), step])
+    assert crashed.returncode == 7
+    assert _run_of(store) == seen
+    np.testing.assert_array_equal(read_results(store, "ntk")["alpha"][...], float(seen))
+    kdir = store / "results" / "ntk"
+    assert len([p for p in kdir.iterdir() if p.is_dir()]) == 2  # the crash's leftover
+    write_results(store, "ntk", {"alpha": np.full((3, 2), 3.0)}, {"report": {"run": 3}})
+    assert _run_of(store) == 3
+    assert sorted(p.name for p in kdir.iterdir()) == ["v3", "zarr.json"]
+    assert sorted(p.name for p in (store / "results").iterdir()) == ["ntk", "zarr.json"]
+    g = zarr.open_group(str(kdir), mode="r")
+    assert g.attrs["current"] == "v3" and list(g.group_keys()) == ["v3"]
+
+
+def test_results_written_before_versioning_are_read_then_replaced(tmp_path):
+    """The older writer's layout (arrays in results/<kernel>, complete: true) and its hidden
+    leftovers: read as they are, replaced and removed by the next write."""
+    from deqntk_dist.results import write_results
+
+    store = tmp_path / "ks"
+    root = zarr.open_group(str(store), mode="w")
+    old = root.create_group("results/ntk")
+    old.create_array("alpha", shape=(3, 2), dtype="f8")[...] = 5.0
+    old.attrs.update({"report": {"run": 0}, "complete": True})
+    for name in (".ntk.tmp-0123456789ab", ".ntk.old-0123456789ab"):
+        zarr.open_group(str(store / "results" / name), mode="w").attrs["complete"] = True
+    assert _run_of(store) == 0 and read_results(store, "nngp") is None
+    write_results(store, "ntk", {"alpha": np.ones((3, 2))}, {"report": {"run": 1}})
+    assert _run_of(store) == 1
+    assert sorted(p.name for p in (store / "results").iterdir()) == ["ntk", "zarr.json"]
+    assert sorted(p.name for p in (store / "results" / "ntk").iterdir()) == ["v1", "zarr.json"]
+
+
+def test_solve_checks_where_results_go_before_solving(tmp_path, rng, monkeypatch, capsys):
+    import deqntk_dist.solve as solve_mod
+
+    x, y = _data(rng, 150)
+    ks = _make_store(tmp_path, x, y, 120, tile=64)
+    calls = []
+    real = solve_mod.kernel_ridge
+    monkeypatch.setattr(
+        solve_mod, "kernel_ridge", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    missing = tmp_path / "no" / "such" / "dir" / "r.json"
+    with pytest.raises(InputError, match=r"report must be a file in an existing directory"):
+        solve_store(ks.path, ridges=[1e-3], report_path=missing)
+    assert main(["solve", ks.path, "--ridge", "1e-3", "--report", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "does not exist" in err
+    assert calls == [] and read_results(ks.path, "ntk") is None
+
+
+def test_solve_on_a_read_only_or_full_store_fails_first(tmp_path, rng, monkeypatch, small_fs):
+    import deqntk_dist.solve as solve_mod
+
+    x, y = _data(rng, 150)
+    fs = small_fs("8m")
+    ks = _make_store(fs.path, x, y, 120, tile=64)
+    calls = []
+    real = solve_mod.kernel_ridge
+    monkeypatch.setattr(
+        solve_mod, "kernel_ridge", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    fs.readonly()
+    with pytest.raises(StoreError, match=r"cannot write results into kernel store .*--no-write"):
+        solve_store(ks.path, ridges=[1e-3])
+    assert calls == []
+    rep = solve_store(ks.path, ridges=[1e-3], write_results=False)  # reading still works
+    assert rep.n_train == 120 and calls == [1]
+    fs.readonly(False)
+    fs.fill()
+    with pytest.raises(StoreError, match=r"No space left on device"):
+        solve_store(ks.path, ridges=[1e-3])
+    assert calls == [1]
+
+
+def test_a_late_write_failure_keeps_the_result(tmp_path, rng, monkeypatch, capsys):
+    import errno
+
+    import deqntk_dist.results as results_mod
+
+    x, y = _data(rng, 150)
+    ks = _make_store(tmp_path, x, y, 120, tile=64)
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results_mod, "write_results", full)
+    with pytest.raises(StoreError, match=r"could not write results/ntk .* saved to (\S+) ") as e:
+        solve_store(ks.path, ridges=[1e-3], report_path=tmp_path / "r.json")
+    saved = Path(re.search(r"saved to (\S+) \(", str(e.value)).group(1))
+    rep = json.loads((saved / "report.json").read_text())
+    assert rep == json.loads((tmp_path / "r.json").read_text())  # the report path still got it
+    arrays = np.load(saved / "results.npz")
+    ref = solve_store(ks.path, ridges=[1e-3], write_results=False)
+    np.testing.assert_array_equal(arrays["alpha"], ref.alpha)
+    np.testing.assert_array_equal(arrays["predictions"], ref.predictions)
+    assert read_results(ks.path, "ntk") is None
+    assert main(["solve", ks.path, "--ridge", "1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "saved to" in err
+
+
+def test_corrupt_stores_and_bad_paths_are_one_line_errors(tmp_path, rng, capsys):
+    """A corrupt kernel chunk, labels chunk or kernel metadata, and `run --workdir FILE`:
+    exit status 2 and one line, never a traceback."""
+    x, y = _data(rng, 150)
+    ks = _make_store(tmp_path, x, y, 120, tile=64)
+    root = Path(ks.path)
+    labels = next(p for p in (root / "labels" / "c").rglob("*") if p.is_file())
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (root / "ntk" / "c" / "1" / "0", b"short", ["solve", ks.path], "is unreadable"),
+        (labels, b"garbage", ["solve", ks.path], "labels are unreadable"),
+        (root / "ntk" / "zarr.json", b"{not json", ["solve", ks.path], "ntk/zarr.json is unread"),
+        (None, None, ["run", "--workdir", str(tmp_path / "afile")], "--workdir must be a dir"),
+    ]
+    for path, junk, argv, needle in cases:
+        good = None if path is None else path.read_bytes()
+        if path is not None:
+            path.write_bytes(junk)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        if path is not None:
+            path.write_bytes(good)
+    with pytest.raises(StoreError, match=r"ntk\[\d+:\d+, \d+:\d+\] is unreadable"):
+        chunk = root / "ntk" / "c" / "1" / "0"
+        chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
+        solve_store(ks.path, ridges=[1e-3])
+
+
+def test_cli_verify_prints_notes_and_layout_problems(tmp_path, rng, capsys):
+    import shutil
+
+    x, y = _data(rng, 100)
+    ks = _make_store(tmp_path, x, y, 80, tile=64)
+    shutil.rmtree(Path(ks.path) / "ledger" / "identity")
+    assert main(["verify", ks.path]) == 0
+    out = capsys.readouterr().out
+    assert "NOTE: written without identity digests" in out and ": OK (3 tiles" in out
+    zarr.open_group(ks.path, mode="r+").attrs["tile"] = 32  # attrs no longer fit the arrays
+    assert main(["verify", ks.path]) == 1
+    out = capsys.readouterr().out
+    assert "kernel array 'ntk' has chunks (64, 64), but the attrs' tile is 32" in out
+    assert "has shape (2, 2), but the attrs (n = 100, tile = 32) give a 4 x 4 tile grid" in out
+    assert main(["solve", ks.path]) == 2
+    assert "give a 4 x 4 tile grid" in capsys.readouterr().err

@@ -359,3 +359,152 @@ def test_tile_writes_work_in_a_forked_child(tmp_path, ds):
         pytest.fail("tile writes in a forked child hung")
     assert proc.exitcode == 0
     assert verify_kernel_store(store.path) == []
+
+
+# --------------------------------------------------------------- identity digests (issue 12)
+def _edit_attrs(path, **changes):
+    root = zarr.open_group(str(path), mode="r+")
+    for key, value in changes.items():
+        root.attrs[key] = value
+
+
+def test_verify_binds_tiles_to_the_spec_dataset_and_settings(tmp_path, ds):
+    """Editing the spec, the dataset fingerprint, the options or the tile in zarr.json after
+    the tiles were written is reported: every tile carries the digest of its identity."""
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    _fill(store, ds)
+    assert verify_kernel_store(store.path) == []
+    root = zarr.open_group(store.path, mode="r")
+    spec, dsattrs = dict(root.attrs["spec"]), dict(root.attrs["dataset"])
+    for key, value in [
+        ("spec", {**spec, "sigma_w2": 1.0}),
+        ("dataset", {**dsattrs, "fingerprint": "0" * 32}),
+        ("options", {"n_nodes": 80}),
+    ]:
+        _edit_attrs(store.path, **{key: value})
+        problems = verify_kernel_store(store.path)
+        assert len(problems) == 1, problems
+        assert "6 finished tiles were computed under another identity" in problems[0]
+        _edit_attrs(store.path, spec=spec, dataset=dsattrs, options={})
+        assert verify_kernel_store(store.path) == []
+    # the normalised spec decides: a spec stored without the fields added since is the same
+    _edit_attrs(store.path, spec={k: v for k, v in spec.items() if k != "hflip"})
+    assert verify_kernel_store(store.path) == []
+    # a ledger identity entry copied from another tile is foreign too
+    ident = zarr.open_array(str(tmp_path / "ks" / "ledger" / "identity"), mode="r+")
+    ident[0, 1] = ident[0, 2]
+    assert any("(0, 1)" in p and "another identity" in p for p in verify_kernel_store(store.path))
+
+
+def test_verify_reports_edited_labels_and_self_covariances(tmp_path, ds, rng):
+    from deqntk_dist import CDEQSpec
+    from deqntk_dist.kernels import self_covariance
+
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    _fill(store, ds)
+    labels = zarr.open_array(str(tmp_path / "ks" / "labels"), mode="r+")
+    labels[3] = labels[3] + 1
+    assert verify_kernel_store(store.path) == [
+        f"labels changed on disk (crc32 {_crc(labels[...])}, recorded {labels.attrs['crc32']})"
+    ]
+    spec = CDEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.1, readout="lap", pool_size=3)
+    n = 12
+    x = rng.normal(size=(n, 5, 4, 1))
+    dsc = write_dataset_store(tmp_path / "dsc", x, rng.integers(0, 3, n), n_train=9, name="im")
+    ks = create_kernel_store(tmp_path / "kc", dsc, spec, tile=8, aux_rows=8, options={"tol": 1e-9})
+    sc = self_covariance(spec, dsc.rows(0, n))
+    ks.write_self_covariance(0, 8, sc[:8])
+    ks.write_self_covariance(8, 12, sc[8:])
+    X = dsc.rows(0, n)
+    for i, j in ks.plan.tiles():
+        r0, r1 = ks.plan.bounds(i)
+        c0, c1 = ks.plan.bounds(j)
+        res = kernel_matrix(
+            spec, X[r0:r1], None if i == j else X[c0:c1], tol=1e-9,
+            self_x=sc[r0:r1], self_y=None if i == j else sc[c0:c1],
+        )  # fmt: skip
+        ks.write_tile(i, j, {"ntk": res.ntk}, max_residual=0.0, iterations=1, seconds=0.0)
+    assert verify_kernel_store(ks.path) == []
+    # an older spelling (no hflip) of the CDEQ spec gives the same identity
+    stored = dict(zarr.open_group(ks.path).attrs["spec"])
+    _edit_attrs(ks.path, spec={k: v for k, v in stored.items() if k != "hflip"})
+    assert verify_kernel_store(ks.path) == []
+    aux = zarr.open_array(str(tmp_path / "kc" / "aux" / "self_cov"), mode="r+")
+    aux[9, 0, 0] = aux[9, 0, 0] * 2
+    assert verify_kernel_store(ks.path) == [
+        "self-covariance rows [8, 12): checksum mismatch (changed)"
+    ]
+    _edit_attrs(ks.path, spec={**stored, "pool_size": 5})
+    problems = verify_kernel_store(ks.path)
+    assert any("rows [0, 8) were computed under another identity" in p for p in problems)
+    assert any("3 finished tiles were computed under another identity" in p for p in problems)
+
+
+def _crc(values) -> int:
+    import zlib
+
+    return zlib.crc32(np.ascontiguousarray(values, dtype="<i8").tobytes())
+
+
+def _make_legacy(path):
+    """Strip what older software did not write: identity ledger, leases, label checksum."""
+    import shutil
+
+    for sub in ("ledger/identity", "leases"):
+        shutil.rmtree(os.path.join(path, sub))
+    labels = zarr.open_array(os.path.join(path, "labels"), mode="r+")
+    labels.attrs.pop("crc32")
+
+
+def test_store_without_identity_digests_opens_verifies_with_a_note(tmp_path, ds):
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    _fill(store, ds, tiles=[(0, 0), (0, 1)])
+    _make_legacy(store.path)
+    ks = open_kernel_store(store.path)
+    assert "identity" not in ks.ledger() and ks.missing_tiles() == [(0, 2), (1, 1), (1, 2), (2, 2)]
+    notes = []
+    problems = verify_kernel_store(store.path, notes=notes)
+    assert problems == ["4 of 6 tiles not done: (0, 2), (1, 1), (1, 2), (2, 2)"]
+    assert any("written without identity digests" in n for n in notes)
+    assert any("labels written without a checksum" in n for n in notes)
+    # tiles written into it (older layout) still verify
+    _fill(open_kernel_store(store.path, writable=True), ds, tiles=[(0, 2), (1, 1), (1, 2), (2, 2)])
+    assert verify_kernel_store(store.path) == []
+
+
+def test_verify_names_what_is_wrong_with_the_ledger_and_metadata(tmp_path, ds):
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    _fill(store, ds)
+    root = tmp_path / "ks"
+    # a deleted ledger checksum entry: not "chunk bytes changed"
+    os.unlink(root / "ledger" / "checksum" / "c" / "0" / "1")
+    problems = verify_kernel_store(store.path)
+    assert problems == [
+        "tile (0, 1): ledger checksum entry missing (ledger/checksum/c/0/1 was deleted); "
+        "its data cannot be checked"
+    ]
+    # a changed checksum entry while the chunk equals its mirror's transpose
+    zarr.open_array(str(root / "ledger" / "checksum"), mode="r+")[0, 1] = 12345
+    assert verify_kernel_store(store.path) == [
+        "tile (0, 1): ledger checksum entry changed (the chunk data are intact: they equal the "
+        "transpose of the other half, whose checksum matches)"
+    ]
+    _fill(store, ds, tiles=[(0, 1)])
+    assert verify_kernel_store(store.path) == []
+    # a deleted data chunk file
+    os.unlink(root / "ntk" / "c" / "2" / "1")
+    assert verify_kernel_store(store.path) == ["tile (1, 2) ntk: chunk file ntk/c/2/1 missing"]
+    _fill(store, ds, tiles=[(1, 2)])
+    # corrupt labels chunk and array metadata: reported, never a traceback
+    chunk = next(p for p in (root / "labels" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(b"garbage")
+    problems = verify_kernel_store(store.path)
+    assert len(problems) == 1 and "labels are unreadable" in problems[0]
+    (root / "ntk" / "zarr.json").write_text("{not json")
+    problems = verify_kernel_store(store.path)
+    assert any("kernel array 'ntk' unreadable" in p and "ntk/zarr.json" in p for p in problems)
+    with pytest.raises(StoreError, match="labels are unreadable"):
+        open_kernel_store(store.path).labels()
+    (root / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not a zarr group"):
+        verify_kernel_store(store.path)

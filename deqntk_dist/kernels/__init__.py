@@ -49,6 +49,9 @@ def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np
             raise InputError(
                 f"Y must have the same feature shape as X {X.shape[1:]}, got {Y.shape[1:]}"
             )
+    for name, A in (("X", X), ("Y", Y)):
+        if A is not None:
+            _check_scale(name, A, spec)
     if isinstance(spec, CDEQSpec):
         H, W = X.shape[1:3]
         if spec.filter_size > min(H, W):
@@ -62,6 +65,28 @@ def validate_inputs(spec: DEQSpec | CDEQSpec, X, Y=None) -> tuple[np.ndarray, np
                 f"images (a larger window pools nothing more), got {spec.pool_size}"
             )
     return X, Y
+
+
+#: Largest input covariance ``sigma_u2 |x|^2 / d`` accepted: products of two of them (the
+#: kernel maths forms such products) must stay finite in float64 (max ~1.8e308).
+MAX_INPUT_COVARIANCE = 1e150
+
+
+def _check_scale(name: str, A: np.ndarray, spec) -> None:
+    """Refuse inputs so large that their inner products overflow float64 (the kernel would
+    otherwise report entries that "did not converge" where the cause is overflow)."""
+    flat = A.reshape(A.shape[0], -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cov = spec.sigma_u2 * np.einsum("ij,ij->i", flat, flat) / flat.shape[1]
+    bad = ~(cov <= MAX_INPUT_COVARIANCE)  # also inf / nan
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise InputError(
+            f"{name} must have input covariances sigma_u2 |x|^2 / d <= "
+            f"{MAX_INPUT_COVARIANCE:g} (beyond that the inner products overflow float64), got "
+            f"{cov[k]:.3g} for row {k} (max |{name}| entry {np.abs(flat[k]).max():.3g}); "
+            "rescale the inputs, e.g. unit-norm preprocessing"
+        )
 
 
 def kernel_matrix(spec: DEQSpec | CDEQSpec, X, Y=None, *, out=None, **options) -> KernelResult:

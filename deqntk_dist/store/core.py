@@ -11,45 +11,54 @@ Layout (DESIGN.md §3; all paths relative to the group)
                         ``iterations``, ``seconds`` (compute time of the tile), ``finished``
                         (unix time).  Tile (I, J), I <= J, writes entries [I, J] and [J, I]
                         (the mirror's own checksum), ``done`` last and only after the data.
+                        ``identity`` (uint64 digest of the store identity and the tile's
+                        geometry, :mod:`.identity`; 0 or absent: written by older software).
 ``aux/self_cov``        CDEQ only: per-example self-covariances (N, H, W) float64, computed
-                        once before the tiles; ``aux/self_cov_done`` (row chunks) flags.
+                        once before the tiles; per row chunk ``aux/self_cov_checksum``
+                        (crc32), ``aux/self_cov_identity`` (digest), ``aux/self_cov_done``.
+``leases``              (nb, nb, 256) uint8: tile leases of running ``compute`` jobs
+                        (:mod:`.lease`); all zero when no job runs.
+``results/<kernel>``    written by ``solve`` (:mod:`deqntk_dist.results`).
 attrs                   ``format`` "deqntk-kernel-store", ``format_version``, ``spec``,
                         ``dataset`` {path, fingerprint, n, n_train, name}, ``tile``, ``dtype``,
-                        ``kernels``, ``options``, ``software`` {name, version}.
+                        ``kernels``, ``options``, ``software`` {name, version}; ``labels``
+                        attrs ``crc32``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import shutil
 import time
 import uuid
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numba as nb
 import numpy as np
 import zarr
 
-try:  # the same CRC-32 (zlib's polynomial), ~7x faster with SIMD; zlib's otherwise
-    from zlib_ng.zlib_ng import crc32
-except ImportError:  # pragma: no cover - zlib-ng is a dependency
-    from zlib import crc32
-
-from .dataset import DatasetStore, open_dataset_store
-from .errors import (
+from ..dataset import DatasetStore, open_dataset_store
+from ..errors import (
     DeqntkError,
     IncompleteStoreError,
     InputError,
     StoreError,
-    StoreMismatchError,
 )
-from .plan import TilePlan
-from .spec import CDEQSpec, DEQSpec, spec_from_dict
+from ..plan import TilePlan
+from ..spec import CDEQSpec, DEQSpec, spec_from_dict
+from .chunkio import (
+    DIRECT_ALIGN,
+    DIRECT_MIN_BYTES,
+    AlignedBuffers,
+    _direct_io_enabled,
+    _io_pool,
+    _transpose_into,
+    aligned_empty,
+    cast_and_mirror,
+    crc32,
+    write_file,
+)
+from .identity import aux_digest, identity_digest, store_identity, tile_digest
 
 __all__ = [
     "KERNEL_FORMAT",
@@ -57,191 +66,40 @@ __all__ = [
     "KERNEL_NAMES",
     "LEDGER_FIELDS",
     "KernelStore",
-    "check_dataset_shape",
-    "checksum",
-    "create_kernel_store",
+    "add_missing_arrays",
     "open_kernel_store",
-    "verify_kernel_store",
 ]
 
 KERNEL_FORMAT = "deqntk-kernel-store"
 KERNEL_FORMAT_VERSION = 1
 KERNEL_NAMES = ("ntk", "nngp")
 DTYPES = ("float32", "float64")
-#: ledger field -> (dtype, fill value); ``done`` is written last.
+#: ledger field -> (dtype, fill value); ``done`` is written last.  ``identity`` (the tile's
+#: :func:`~.identity.tile_digest`, 0 = written without one) is absent from stores made
+#: before it was introduced.
 LEDGER_FIELDS: dict[str, tuple[str, Any]] = {
     "checksum": ("uint32", 0),
     "max_residual": ("float64", math.nan),
     "iterations": ("int32", -1),
     "seconds": ("float64", math.nan),
     "finished": ("float64", math.nan),
+    "identity": ("uint64", 0),
     "done": ("bool", False),
 }
 #: rows per chunk of the auxiliary per-example arrays
 AUX_ROWS = 1024
-
-
-def checksum(values: np.ndarray) -> int:
-    """crc32 of an array's values in C order (the bytes a chunk holds as written)."""
-    a = np.ascontiguousarray(values)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    return crc32(memoryview(a).cast("B"))
-
-
-@nb.njit(cache=True, nogil=True)
-def _cast_mirror(src, up, lo):
-    """``up = src`` and ``lo = src.T`` (cast to their dtype), in 32-row stripes."""
-    n, m = src.shape
-    B = 32
-    for i0 in range(0, n, B):
-        i1 = min(i0 + B, n)
-        for i in range(i0, i1):
-            for j in range(m):
-                up[i, j] = src[i, j]
-        for j0 in range(0, m, B):
-            j1 = min(j0 + B, m)
-            for j in range(j0, j1):
-                for i in range(i0, i1):
-                    lo[j, i] = up[i, j]
-
-
-#: Direct-I/O alignment (bytes) of buffers, file offsets and lengths.
-DIRECT_ALIGN = 4096
-#: Chunks smaller than this are written through the page cache.
-DIRECT_MIN_BYTES = 1 << 20
-
-
-def aligned_empty(shape: tuple[int, ...], dtype, align: int = DIRECT_ALIGN) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
-
-
-class AlignedBuffers:
-    """Reused page-aligned arrays for tiles, by key; the ``keep`` most recently used are
-    kept (full tiles and the edge tiles of a row), so steady state allocates nothing."""
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self._bufs: OrderedDict = OrderedDict()
-
-    def get(self, key, shapes: dict, dtype):
-        """``{name: array of shape}`` for ``key`` (made with :func:`aligned_empty` once)."""
-        if key in self._bufs:
-            self._bufs.move_to_end(key)
-            return self._bufs[key]
-        while len(self._bufs) >= self.keep:
-            self._bufs.popitem(last=False)
-        self._bufs[key] = {k: aligned_empty(shape, dtype) for k, shape in shapes.items()}
-        return self._bufs[key]
-
-
-def _direct_io_enabled() -> bool:
-    """dask config ``deqntk.direct-io`` (default true; ``DASK_DEQNTK__DIRECT_IO=false``)."""
-    import dask
-
-    return bool(dask.config.get("deqntk.direct-io", True))
-
-
-def write_file(path: Path, data: np.ndarray, *, direct: bool = True) -> bool:
-    """Write the bytes of C-contiguous ``data`` to a new file ``path``.
-
-    With ``direct`` the aligned head goes to the device with ``O_DIRECT`` (no page cache:
-    no copy and no page-cache growth, which on a VM costs more than the tile's own
-    compute), the unaligned tail through the page cache.  Falls back to a plain write where
-    the filesystem or the buffer does not allow direct I/O.
-
-    Returns
-    -------
-    bool
-        Whether direct I/O was used.
-    """
-    mv = memoryview(data).cast("B")
-    head = len(mv) - len(mv) % DIRECT_ALIGN
-    use = (
-        direct
-        and hasattr(os, "O_DIRECT")
-        and len(mv) >= DIRECT_MIN_BYTES
-        and data.ctypes.data % DIRECT_ALIGN == 0
-    )
-    fd = -1
-    if use:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        except OSError:  # e.g. tmpfs: EINVAL
-            use = False
-    if fd < 0:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        done = 0
-        if use:
-            try:
-                done = _write_all(fd, mv[:head], 0)
-            except OSError:  # the filesystem refused the direct write: start over
-                use = False
-                done = 0
-            import fcntl
-
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        _write_all(fd, mv[done:], done)
-    finally:
-        os.close(fd)
-    return use
-
-
-def _write_all(fd: int, mv: memoryview, offset: int) -> int:
-    """``pwrite`` all of ``mv`` at ``offset``; returns ``offset + len(mv)``."""
-    pos = 0
-    while pos < len(mv):
-        pos += os.pwrite(fd, mv[pos:], offset + pos)
-    return offset + pos
-
-
-def _io_pool() -> ThreadPoolExecutor:
-    """Two threads that write a tile's chunk and its mirror at the same time (one pool per
-    process: a pool inherited through ``fork`` has no threads)."""
-    return _io_pool_of(os.getpid())
-
-
-@functools.lru_cache(maxsize=1)
-def _io_pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(2, thread_name_prefix="deqntk-io")
-
-
-@nb.njit(cache=True, nogil=True)
-def _transpose_into(src, lo):
-    """``lo = src.T`` in 32 x 32 blocks."""
-    n, m = src.shape
-    B = 32
-    for i0 in range(0, n, B):
-        i1 = min(i0 + B, n)
-        for j0 in range(0, m, B):
-            j1 = min(j0 + B, m)
-            for j in range(j0, j1):
-                for i in range(i0, i1):
-                    lo[j, i] = src[i, j]
-
-
-def cast_and_mirror(block: np.ndarray, dtype, out=None) -> tuple[np.ndarray, np.ndarray]:
-    """A tile cast to ``dtype`` and its transpose, both C-contiguous.
-
-    Rounds exactly like ``block.astype(dtype)`` (IEEE round to nearest even).  ``out`` may
-    pass reusable ``(up, lo)`` buffers of the right shapes and dtype (no page faults).
-    """
-    src = np.ascontiguousarray(block)
-    if out is None:
-        out = (np.empty(src.shape, dtype=dtype), np.empty(src.shape[::-1], dtype=dtype))
-    up, lo = out
-    _cast_mirror(src, up, lo)
-    return up, lo
+#: per aux row chunk: array -> (dtype, fill value); ``self_cov_done`` is written last.
+AUX_FIELDS: dict[str, tuple[str, Any]] = {
+    "self_cov_checksum": ("uint32", 0),
+    "self_cov_identity": ("uint64", 0),
+    "self_cov_done": ("bool", False),
+}
+#: bytes of one tile lease record (``leases`` array, see :mod:`.lease`)
+LEASE_BYTES = 256
 
 
 def _software() -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     return {"name": "deqntk_dist", "version": __version__}
 
@@ -251,8 +109,14 @@ class KernelStore:
 
     Use :func:`open_kernel_store` to read a store and :func:`create_kernel_store` to make
     one.  Attributes: ``path``, ``spec``, ``n``, ``n_train``, ``n_test``, ``tile``,
-    ``dtype``, ``kernels``, ``dataset_path``, ``plan`` (:class:`~deqntk_dist.plan.TilePlan`),
-    ``attrs``.
+    ``dtype``, ``kernels``, ``options``, ``dataset_path``, ``dataset_fingerprint``, ``plan``
+    (:class:`~deqntk_dist.plan.TilePlan`), ``attrs``, ``identity`` and ``identity_digest``
+    (what the attrs claim every tile was computed under, :mod:`.identity`).
+
+    Raises
+    ------
+    StoreError
+        Malformed attrs.
     """
 
     def __init__(self, path: Path, root: zarr.Group, *, writable: bool):
@@ -261,18 +125,26 @@ class KernelStore:
         self.writable = writable
         attrs = dict(root.attrs)
         self.attrs = attrs
-        self.spec: DEQSpec | CDEQSpec = spec_from_dict(attrs["spec"])
-        ds = attrs["dataset"]
-        self.n = int(ds["n"])
-        self.n_train = int(ds["n_train"])
+        try:
+            self.spec: DEQSpec | CDEQSpec = spec_from_dict(attrs["spec"])
+            ds = attrs["dataset"]
+            self.n = int(ds["n"])
+            self.n_train = int(ds["n_train"])
+            self.dataset_path = str(ds["path"])
+            self.dataset_fingerprint = str(ds["fingerprint"])
+            self.tile = int(attrs["tile"])
+            self.dtype = np.dtype(attrs["dtype"])
+            self.kernels = tuple(attrs["kernels"])
+            self.options = dict(attrs.get("options") or {})
+            self.plan = TilePlan(n=self.n, tile=self.tile)
+        except (DeqntkError, KeyError, TypeError, ValueError) as exc:
+            raise StoreError(
+                f"kernel store attrs are malformed ({path}/zarr.json): {type(exc).__name__}: {exc}"
+            ) from exc
         self.n_test = self.n - self.n_train
-        self.dataset_path = str(ds["path"])
-        self.dataset_fingerprint = str(ds["fingerprint"])
-        self.tile = int(attrs["tile"])
-        self.dtype = np.dtype(attrs["dtype"])
-        self.kernels = tuple(attrs["kernels"])
-        self.options = dict(attrs.get("options") or {})
-        self.plan = TilePlan(n=self.n, tile=self.tile)
+        #: what every tile must have been computed under (:mod:`.identity`)
+        self.identity = store_identity(attrs)
+        self.identity_digest = identity_digest(self.identity)
 
     def __repr__(self) -> str:
         return (
@@ -282,10 +154,35 @@ class KernelStore:
 
     # ------------------------------------------------------------------------ reading
     def array(self, name: str) -> zarr.Array:
-        """The zarr array ``name`` ("ntk" or "nngp"), shape (n, n)."""
+        """The zarr array ``name`` ("ntk" or "nngp"), shape (n, n).
+
+        Raises
+        ------
+        InputError
+            Not one of the store's kernels.
+        StoreError
+            Its metadata (``<name>/zarr.json``) cannot be read.
+        """
         if name not in self.kernels:
             raise InputError(f"kernel name must be one of {self.kernels}, got {name!r}")
-        return self._root[name]
+        return self._node(name)
+
+    def _node(self, key: str):
+        """Array or group ``key`` of the store, a :class:`StoreError` if it cannot be read."""
+        try:
+            return self._root[key]
+        except KeyError:
+            raise StoreError(f"{self.path}: {key!r} is missing from the kernel store") from None
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}: {key}/zarr.json is unreadable: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def has(self, key: str) -> bool:
+        """Whether array or group ``key`` exists (metadata file present)."""
+        if isinstance(self._root.store, zarr.storage.LocalStore):
+            return (Path(self.path) / key / "zarr.json").exists()
+        return key in self._root
 
     def to_dask(self, name: str):
         """``name`` as a ``dask.array`` with one block per tile (lazy, read on compute)."""
@@ -332,8 +229,20 @@ class KernelStore:
         return self.block(name, slice(self.n_train, self.n), slice(self.n_train, self.n))
 
     def labels(self) -> np.ndarray:
-        """int64 labels of all n rows (train rows first), shape (n,)."""
-        return np.asarray(self._root["labels"][...], dtype=np.int64)
+        """int64 labels of all n rows (train rows first), shape (n,).
+
+        Raises
+        ------
+        StoreError
+            The labels array or its chunk cannot be read.
+        """
+        arr = self._node("labels")
+        try:
+            return np.asarray(arr[...], dtype=np.int64)
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}: labels are unreadable: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def dataset(self) -> DatasetStore:
         """Open the dataset store this kernel store was computed from."""
@@ -347,11 +256,57 @@ class KernelStore:
 
     # ------------------------------------------------------------------------- ledger
     def _ledger(self, field: str) -> np.ndarray:
-        return np.asarray(self._root[f"ledger/{field}"][...])
+        arr = self._node(f"ledger/{field}")
+        nb = self.plan.n_blocks
+        if tuple(arr.shape) != (nb, nb):
+            raise StoreError(
+                f"{self.path}: ledger/{field} has shape {tuple(arr.shape)}, but the attrs (n = "
+                f"{self.n}, tile = {self.tile}) give a {nb} x {nb} tile grid: the attrs or the "
+                "ledger were changed"
+            )
+        return np.asarray(arr[...])
+
+    def ledger_fields(self) -> tuple[str, ...]:
+        """The ledger fields this store has (``identity`` is missing from older stores until
+        a resume adds it; checked on every call, as another process may add it)."""
+        return tuple(f for f in LEDGER_FIELDS if f != "identity" or self.has("ledger/identity"))
 
     def ledger(self) -> dict[str, np.ndarray]:
         """All ledger arrays, each of shape (nb, nb) on the tile grid."""
-        return {f: self._ledger(f) for f in LEDGER_FIELDS}
+        return {f: self._ledger(f) for f in self.ledger_fields()}
+
+    def tile_digest(self, i: int, j: int) -> int:
+        """The identity digest tile ``(i, j)`` must carry in ``ledger/identity``."""
+        return tile_digest(self.identity_digest, i, j, self.plan.bounds(i), self.plan.bounds(j))
+
+    def identity_check(self, led: dict | None = None) -> tuple[list, list]:
+        """Finished tiles ``(I, J)`` (I <= J) that were computed under another identity than
+        the attrs claim (either half's digest differs), and those written without a digest
+        (older software; all finished tiles when the ledger has no ``identity``)."""
+        led = self.ledger() if led is None else led
+        done = [t for t in self.plan.tiles() if led["done"][t]]
+        if "identity" not in led:
+            return [], done
+        foreign, legacy = [], []
+        for i, j in done:
+            want = self.tile_digest(i, j)
+            have = {int(led["identity"][i, j]), int(led["identity"][j, i])}
+            if have == {want}:
+                continue
+            (legacy if have == {0} else foreign).append((i, j))
+        return foreign, legacy
+
+    def ledger_entry_exists(self, field: str, bi: int, bj: int) -> bool | None:
+        """Whether entry (bi, bj) of ``ledger/field`` was written (its chunk file exists);
+        None where the layout does not tell (not a local uncompressed store)."""
+        name = f"ledger/{field}"
+        if not self._raw_chunks(name):
+            return None
+        return self.chunk_path(name, bi, bj).exists()
+
+    def chunk_path(self, name: str, *index: int) -> Path:
+        """File of chunk ``index`` of array ``name`` (local store, "/" chunk keys)."""
+        return Path(self.path, name, "c", *map(str, index))
 
     def missing_tiles(self) -> list[tuple[int, int]]:
         """Upper-triangle tiles ``(I, J)`` not marked done, in plan order."""
@@ -416,6 +371,62 @@ class KernelStore:
         if not self.writable:
             raise StoreError(f"kernel store opened read-only: {self.path}")
 
+    def check_writable(self) -> None:
+        """Create and delete a probe file wherever a resume writes (the store directory,
+        the kernel arrays, the ledger, the leases, the self-covariances), so a read-only or
+        full filesystem is reported before any work starts.
+
+        Raises
+        ------
+        StoreError
+        """
+        self._require_writable()
+        keys = ["", *self.kernels, "ledger/done", "leases", "aux/self_cov"]
+        for key in keys:
+            d = Path(self.path, key)
+            if key and not d.is_dir():
+                continue
+            probe = d / f".deqntk-probe-{uuid.uuid4().hex[:12]}"
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.write(fd, b"\0")
+                finally:
+                    os.close(fd)
+                    probe.unlink()
+            except OSError as exc:
+                raise StoreError(
+                    f"kernel store {self.path} is not writable ({exc.strerror or exc} in {d})"
+                ) from exc
+
+    def invalidate(self, *, tiles=(), aux_chunks=()) -> None:
+        """Mark ``tiles`` (both halves) and self-covariance row chunks ``aux_chunks`` (indices)
+        not done, so that ``compute`` runs them again."""
+        self._require_writable()
+        for i, j in tiles:
+            self._put_ledger("done", i, j, False)  # the upper half decides: missing at once
+            if i != j:
+                self._put_ledger("done", j, i, False)
+        for k in aux_chunks:
+            self._root["aux/self_cov_done"][k] = False
+
+    def tile_done(self, i: int, j: int) -> bool:
+        """Whether tile ``(i, j)`` is marked done now (one ledger entry read)."""
+        name = "ledger/done"
+        if self._raw_chunks(name):  # the one-byte chunk file, without zarr's machinery
+            try:
+                with open(self.chunk_path(name, i, j), "rb") as f:
+                    return f.read(1) not in (b"", b"\0")
+            except FileNotFoundError:
+                return False
+        return bool(self._node(name)[i, j])
+
+    def add_missing_arrays(self) -> list[str]:
+        """Add the arrays introduced since this store was made (identity ledger, aux
+        checksums, leases); returns their names.  See :func:`add_missing_arrays`."""
+        self._require_writable()
+        return add_missing_arrays(self._root, self.plan)
+
     def write_tile(
         self,
         i: int,
@@ -443,8 +454,9 @@ class KernelStore:
         Returns
         -------
         dict
-            ``{"checksum": crc of chunk (i, j), "mirror_checksum": crc of chunk (j, i)}``
-            (the crc32 over all kernels' chunks, in ``kernels`` order).
+            ``{"checksum": crc of chunk (i, j), "mirror_checksum": crc of chunk (j, i),
+            "identity": the tile's identity digest}`` (the crc32 over all kernels' chunks, in
+            ``kernels`` order).
         """
         self._require_writable()
         if not 0 <= i <= j < self.plan.n_blocks:
@@ -491,20 +503,25 @@ class KernelStore:
                     w.result()
         if i == j:
             crc_m = crc
+        digest = self.tile_digest(i, j)
         entries = {
             "checksum": (crc, crc_m),
             "max_residual": (max_residual, max_residual),
             "iterations": (iterations, iterations),
             "seconds": (seconds, seconds),
             "finished": (time.time(),) * 2,
+            "identity": (digest, digest),
             "done": (True, True),
         }
+        fields = self.ledger_fields()
         # the data is in place: now the ledger, ``done`` last, the mirror's entry first
         for field, (upper, lower) in entries.items():
+            if field not in fields:
+                continue
             if i != j:
                 self._put_ledger(field, j, i, lower)
             self._put_ledger(field, i, j, upper)
-        return {"checksum": int(crc), "mirror_checksum": int(crc_m)}
+        return {"checksum": int(crc), "mirror_checksum": int(crc_m), "identity": digest}
 
     def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Reused (up, lo) cast buffers for tiles of ``shape``."""
@@ -607,18 +624,53 @@ class KernelStore:
                 f"self-covariance rows must be one aux chunk [k*{rows}, "
                 f"min((k+1)*{rows}, n)), got [{start}, {stop})"
             )
+        values = np.ascontiguousarray(values, dtype="<f8")
+        if values.shape != (stop - start, *arr.shape[1:]):
+            raise InputError(
+                f"self-covariance rows [{start}, {stop}) must have shape "
+                f"{(stop - start, *arr.shape[1:])}, got {values.shape}"
+            )
         arr[start:stop] = values
-        self._root["aux/self_cov_done"][start // rows] = True
+        k = start // rows
+        marks = {
+            "self_cov_checksum": crc32(memoryview(values).cast("B")),
+            "self_cov_identity": aux_digest(self.identity_digest, start, stop),
+            "self_cov_done": True,
+        }
+        for name, value in marks.items():  # data first, ``done`` last
+            if self.has(f"aux/{name}"):
+                self._root[f"aux/{name}"][k] = value
+
+    def aux_chunks(self) -> list[tuple[int, int, int]]:
+        """``(k, start, stop)`` of every self-covariance row chunk (CDEQ stores; else [])."""
+        if not self.has("aux/self_cov"):
+            return []
+        rows = self._node("aux/self_cov").chunks[0]
+        return [(k, a, min(a + rows, self.n)) for k, a in enumerate(range(0, self.n, rows))]
+
+    def aux_identity_check(self) -> tuple[list[int], list[int]]:
+        """Written self-covariance chunks (indices) computed under another identity, and
+        those written without a digest (older software)."""
+        chunks = self.aux_chunks()
+        if not chunks:
+            return [], []
+        done = np.asarray(self._node("aux/self_cov_done")[...])
+        if not self.has("aux/self_cov_identity"):
+            return [], [k for k, _, _ in chunks if done[k]]
+        ids = np.asarray(self._node("aux/self_cov_identity")[...])
+        foreign, legacy = [], []
+        for k, a, b in chunks:
+            if not done[k] or int(ids[k]) == aux_digest(self.identity_digest, a, b):
+                continue
+            (legacy if int(ids[k]) == 0 else foreign).append(k)
+        return foreign, legacy
 
     def self_covariance_missing(self) -> list[tuple[int, int]]:
         """Row chunks ``(start, stop)`` of ``aux/self_cov`` not yet written (CDEQ only)."""
         if "aux" not in self._root:
             return []
         flags = np.asarray(self._root["aux/self_cov_done"][...])
-        rows = self._root["aux/self_cov"].chunks[0]
-        return [
-            (k * rows, min((k + 1) * rows, self.n)) for k in range(flags.shape[0]) if not flags[k]
-        ]
+        return [(a, b) for k, a, b in self.aux_chunks() if not flags[k]]
 
     def self_covariance_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of the stored self-covariances, float64 (rows, H, W)."""
@@ -668,251 +720,39 @@ def open_kernel_store(path, *, writable: bool = False) -> KernelStore:
     return KernelStore(p, _open_group(p, writable=writable), writable=writable)
 
 
-def _expected_attrs(dataset: DatasetStore, spec, tile, dtype, kernels, options) -> dict:
-    return {
-        "format": KERNEL_FORMAT,
-        "format_version": KERNEL_FORMAT_VERSION,
-        "spec": spec.to_dict(),
-        "dataset": {
-            "path": dataset.path,
-            "fingerprint": dataset.fingerprint,
-            "n": dataset.n,
-            "n_train": dataset.n_train,
-            "name": dataset.name,
-        },
-        "tile": int(tile),
-        "dtype": dtype,
-        "kernels": list(kernels),
-        "options": dict(options),
-        "software": _software(),
-    }
-
-
-def _normal_spec(data):
-    """A stored spec dict with the fields added since (e.g. ``hflip``) at their defaults."""
-    try:
-        return spec_from_dict(data).to_dict()
-    except (DeqntkError, TypeError, AttributeError):
-        return data
-
-
-def _mismatches(have: dict, want: dict) -> list[str]:
-    out = []
-    have = {**have, "spec": _normal_spec(have.get("spec"))}
-    for key in ("spec", "tile", "dtype", "kernels", "options"):
-        if have.get(key) != want[key]:
-            out.append(f"{key}: store has {have.get(key)!r}, requested {want[key]!r}")
-    hd, wd = have.get("dataset", {}), want["dataset"]
-    for key in ("fingerprint", "n", "n_train"):
-        if hd.get(key) != wd[key]:
-            out.append(
-                f"dataset {key}: store has {hd.get(key)!r}, dataset store {wd['path']} has "
-                f"{wd[key]!r}"
-            )
-    return out
-
-
-def check_dataset_shape(dataset: DatasetStore, spec: DEQSpec | CDEQSpec) -> None:
-    """Refuse a dataset whose rows the spec cannot take (images for CDEQ and for hflip).
-
-    Raises
-    ------
-    InputError
-    """
-    ndims = (2, 4) if isinstance(spec, DEQSpec) and not spec.hflip else (4,)
-    if len(dataset.x.shape) not in ndims:
-        what = f"a {spec.kind} spec" + (" with hflip" if spec.hflip else "")
-        raise InputError(
-            f"{what} needs dataset inputs with {' or '.join(map(str, ndims))} dimensions, got "
-            f"x of shape {tuple(dataset.x.shape)} in {dataset.path}"
-        )
-
-
-def create_kernel_store(
-    path,
-    dataset: DatasetStore,
-    spec: DEQSpec | CDEQSpec,
-    *,
-    tile: int,
-    dtype: str = "float32",
-    kernels=("ntk",),
-    options: dict | None = None,
-    aux_rows: int = AUX_ROWS,
-) -> KernelStore:
-    """Create a kernel store for ``dataset`` (or reopen a compatible existing one).
-
-    The empty layout (arrays, ledger, attrs) is built in a temporary directory and renamed
-    into place, so a store either exists completely or not at all.
-
-    Parameters
-    ----------
-    path : str or Path
-    dataset : DatasetStore
-    spec : DEQSpec or CDEQSpec
-    tile : int
-        Tile side (chunk side of the kernel arrays).
-    dtype : {"float32", "float64"}
-    kernels : sequence of {"ntk", "nngp"}
-    options : dict, optional
-        Kernel options passed to every tile (part of the store's identity).
-    aux_rows : int
-        Rows per chunk (and per task) of the CDEQ self-covariances.
+def add_missing_arrays(root: zarr.Group, plan: TilePlan) -> list[str]:
+    """Create the ledger, aux-checksum and lease arrays a store lacks (all of them for a new
+    store; those introduced since for a store made by older software).
 
     Returns
     -------
-    KernelStore
-        Writable.
-
-    Raises
-    ------
-    StoreMismatchError
-        An existing store at ``path`` has another spec, dataset, tile, dtype, kernels or
-        options.
-    StoreError
-        ``path`` exists but is not a kernel store, or cannot be written.
+    list of str
+        The arrays added.
     """
-    if dtype not in DTYPES:
-        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    kernels = tuple(kernels)
-    if (
-        not kernels
-        or any(k not in KERNEL_NAMES for k in kernels)
-        or len(set(kernels)) != len(kernels)
-    ):
-        raise InputError(
-            f"kernels must be a non-empty subset of {', '.join(KERNEL_NAMES)}, got {kernels!r}"
-        )
-    kernels = tuple(k for k in KERNEL_NAMES if k in kernels)
-    if not isinstance(spec, DEQSpec | CDEQSpec):
-        raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
-    check_dataset_shape(dataset, spec)
-    plan = TilePlan(n=dataset.n, tile=tile)
-    want = _expected_attrs(dataset, spec, plan.tile, dtype, kernels, options or {})
-    p = Path(path).absolute()
-    if p.exists():
-        root = _open_group(p, writable=True)
-        problems = _mismatches(dict(root.attrs), want)
-        if problems:
-            raise StoreMismatchError(
-                f"kernel store {p} was made with different settings; use another path or "
-                "delete it:\n  " + "\n  ".join(problems)
-            )
-        return KernelStore(p, root, writable=True)
-    if not p.parent.is_dir():
-        raise StoreError(f"parent directory of the kernel store does not exist: {p.parent}")
-    tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        n, nb = plan.n, plan.n_blocks
-        for name in kernels:
-            root.create_array(
-                name,
-                shape=(n, n),
-                dtype=dtype,
-                chunks=(plan.tile, plan.tile),
-                compressors=None,
-                fill_value=math.nan,
-            )
-        labels = root.create_array("labels", shape=(n,), dtype="int64", chunks=(n,))
-        labels[...] = dataset.y
-        ledger = root.create_group("ledger")
-        for field, (fdtype, fill) in LEDGER_FIELDS.items():
+    added = []
+    nb = plan.n_blocks
+    ledger = root["ledger"] if "ledger" in root else root.create_group("ledger")
+    for field, (fdtype, fill) in LEDGER_FIELDS.items():
+        if field not in ledger:
             ledger.create_array(
-                field,
-                shape=(nb, nb),
-                dtype=fdtype,
-                chunks=(1, 1),
-                fill_value=fill,
+                field, shape=(nb, nb), dtype=fdtype, chunks=(1, 1), fill_value=fill,
                 compressors=None,
-            )
-        if isinstance(spec, CDEQSpec):
-            aux = root.create_group("aux")
-            H, W = dataset.x.shape[1:3]
-            aux.create_array(
-                "self_cov",
-                shape=(n, H, W),
-                dtype="float64",
-                chunks=(aux_rows, H, W),
-                compressors=None,
-                fill_value=math.nan,
-            )
-            aux.create_array(
-                "self_cov_done",
-                shape=(-(-n // aux_rows),),
-                dtype="bool",
-                chunks=(1,),
-                fill_value=False,
-            )
-        root.attrs.update(want)
-        os.rename(tmp, p)
-    except OSError as exc:
-        raise StoreError(f"cannot create kernel store at {p}: {exc}") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return open_kernel_store(p, writable=True)
-
-
-def verify_kernel_store(path) -> list[str]:
-    """Check a kernel store; return a list of problems (empty when it is sound).
-
-    Checks: the ledger is consistent (both halves of every tile agree, done tiles have a
-    finite residual and time); every done tile's chunk and mirror chunk decode, match their
-    recorded crc32, are finite and are exact transposes (diagonal tiles exactly symmetric);
-    every tile is done; the labels match the store size.
-    """
-    store = open_kernel_store(path)
-    problems: list[str] = []
-    try:
-        led = store.ledger()
-    except Exception as exc:
-        return [f"ledger unreadable: {exc}"]
-    plan = store.plan
-    if store.labels().shape != (store.n,):
-        problems.append(f"labels must have shape ({store.n},), got {store.labels().shape}")
-    not_done = []
-    for i, j in plan.tiles():
-        done_u, done_l = bool(led["done"][i, j]), bool(led["done"][j, i])
-        if done_u != done_l:
-            problems.append(f"tile ({i}, {j}): ledger halves disagree (done {done_u}/{done_l})")
-        if not done_u:
-            not_done.append((i, j))
-            continue
-        if not np.isfinite(led["max_residual"][i, j]) or not np.isfinite(led["seconds"][i, j]):
-            problems.append(f"tile ({i}, {j}): done but residual/seconds missing in the ledger")
-        problems.extend(_verify_tile(store, i, j, led))
-    if not_done:
-        shown = ", ".join(map(str, not_done[:10]))
-        more = "" if len(not_done) <= 10 else f" (first 10 of {len(not_done)})"
-        problems.append(f"{len(not_done)} of {plan.n_tiles} tiles not done: {shown}{more}")
-    return problems
-
-
-def _verify_tile(store: KernelStore, i: int, j: int, led: dict) -> list[str]:
-    r0, r1 = store.plan.bounds(i)
-    c0, c1 = store.plan.bounds(j)
-    problems = []
-    crc = crc_m = 0
-    for name in store.kernels:
-        arr = store.array(name)
-        try:
-            up = np.ascontiguousarray(arr[r0:r1, c0:c1])
-            lo = up if i == j else np.ascontiguousarray(arr[c0:c1, r0:r1])
-        except Exception as exc:
-            problems.append(f"tile ({i}, {j}) {name}: chunk unreadable: {exc}")
-            return problems
-        crc = crc32(memoryview(up).cast("B"), crc)
-        if i != j:
-            crc_m = crc32(memoryview(lo).cast("B"), crc_m)
-        if not np.isfinite(up).all() or not np.isfinite(lo).all():
-            problems.append(f"tile ({i}, {j}) {name}: non-finite values")
-        if not np.array_equal(up, lo.T):
-            what = "not exactly symmetric" if i == j else f"chunk ({j}, {i}) is not its transpose"
-            problems.append(f"tile ({i}, {j}) {name}: {what}")
-    if i == j:
-        crc_m = crc
-    if crc != int(led["checksum"][i, j]):
-        problems.append(f"tile ({i}, {j}): checksum mismatch (chunk bytes changed on disk)")
-    if crc_m != int(led["checksum"][j, i]):
-        problems.append(f"tile ({j}, {i}) (mirror): checksum mismatch (chunk bytes changed)")
-    return problems
+            )  # fmt: skip
+            added.append(f"ledger/{field}")
+    if "aux" in root:
+        aux = root["aux"]
+        chunks = aux["self_cov_done"].shape[0]
+        for name, (fdtype, fill) in AUX_FIELDS.items():
+            if name not in aux:
+                aux.create_array(
+                    name, shape=(chunks,), dtype=fdtype, chunks=(1,), fill_value=fill,
+                    compressors=None,
+                )  # fmt: skip
+                added.append(f"aux/{name}")
+    if "leases" not in root:
+        root.create_array(
+            "leases", shape=(nb, nb, LEASE_BYTES), dtype="uint8", chunks=(1, 1, LEASE_BYTES),
+            fill_value=0, compressors=None,
+        )  # fmt: skip
+        added.append("leases")
+    return added

@@ -1,0 +1,278 @@
+"""The tasks a ``compute`` job runs on Dask workers, one per tile or self-covariance chunk.
+
+:func:`run_tile` and :func:`run_self_covariance` read their input rows from the dataset
+store themselves, compute with the pure kernel maths, write whole chunks and then the
+ledger.  Only small job descriptions (:class:`TileJob`, :class:`AuxJob`) and reports go
+through the scheduler.  Failures that a retry cannot fix (a maths or input error, a full or
+read-only disk, a store whose attrs changed) come back as reports with ``ok = False``;
+anything else raises so that dask retries the task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dataset import DatasetStore, open_dataset_store
+from .errors import DeqntkError, StoreError, StoreMismatchError
+from .spec import CDEQSpec
+from .store import AlignedBuffers, KernelStore, open_kernel_store
+
+__all__ = [
+    "FATAL_WRITE_ERRNOS",
+    "LEGACY_CDEQ_TOL",
+    "AuxJob",
+    "TileJob",
+    "run_self_covariance",
+    "run_tile",
+]
+
+#: Slice tolerance of CDEQ stores whose options do not record one (written before it was).
+LEGACY_CDEQ_TOL = 1e-13
+#: Write errors that retrying cannot fix: reported at once, without dask's logs.
+FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TileJob:
+    """Everything a worker needs for tile (i, j): paths and row ranges, never arrays."""
+
+    store: str
+    dataset: str
+    i: int
+    j: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    threads: int | None = 1
+    options: dict = field(default_factory=dict)
+    #: the store identity digest the driver planned under ("" skips the check)
+    identity: str = ""
+
+    def describe(self) -> str:
+        (r0, r1), (c0, c1) = self.rows, self.cols
+        return f"tile ({self.i}, {self.j}) rows [{r0}, {r1}) x cols [{c0}, {c1})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuxJob:
+    """Rows ``[start, stop)`` of the CDEQ self-covariances (one aux chunk)."""
+
+    store: str
+    dataset: str
+    start: int
+    stop: int
+    threads: int | None = 1
+    identity: str = ""
+
+    def describe(self) -> str:
+        return f"self-covariance rows [{self.start}, {self.stop})"
+
+
+_STORES: dict[tuple, KernelStore] = {}
+_DATASETS: dict[tuple, DatasetStore] = {}
+_ROWS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+#: Row blocks kept per worker: at least this many, and more while within ``_ROWS_BYTES``
+#: (a worker then reads each block of a mid-sized dataset once, not once per tile).
+_ROWS_KEEP = 3
+_ROWS_BYTES = 512 * 2**20
+
+
+def _store(path: str) -> KernelStore:
+    key = (path, os.stat(Path(path) / "zarr.json").st_mtime_ns)
+    if key not in _STORES:
+        _STORES.clear()
+        _STORES[key] = open_kernel_store(path, writable=True)
+    return _STORES[key]
+
+
+def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
+    """float64 rows of the dataset store a kernel store was made for.
+
+    A per-process LRU cache keeps recent row blocks (at least ``_ROWS_KEEP``, more within
+    ``_ROWS_BYTES``), so a worker rarely reads a block twice.  The dataset must still carry the
+    fingerprint recorded in the kernel store: rows of another dataset are never mixed in.
+    """
+    key = (dataset, os.stat(Path(dataset) / "zarr.json").st_mtime_ns)
+    if key not in _DATASETS:
+        _DATASETS.clear()
+        _ROWS.clear()
+        _DATASETS[key] = open_dataset_store(dataset)
+    ds = _DATASETS[key]
+    if ds.fingerprint != fingerprint:
+        raise StoreMismatchError(
+            f"dataset store {dataset} now has fingerprint {ds.fingerprint}, but the kernel "
+            f"store was computed from {fingerprint}; it was changed after the store was made"
+        )
+    rkey = (key, start, stop)
+    if rkey in _ROWS:
+        _ROWS.move_to_end(rkey)
+        return _ROWS[rkey]
+    X = ds.rows(start, stop).astype(np.float64)
+    _ROWS[rkey] = X
+    while len(_ROWS) > _ROWS_KEEP and sum(a.nbytes for a in _ROWS.values()) > _ROWS_BYTES:
+        _ROWS.popitem(last=False)
+    return X
+
+
+_BUFFERS = AlignedBuffers()
+
+
+def _tile_buffers(ks: KernelStore, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Reused, page-aligned output arrays (store dtype) for a tile of ``shape``.
+
+    The tile kernel writes the store's values straight into them, and the store writes
+    them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory.
+    """
+    key = (shape, ks.dtype.str, ks.kernels)
+    return _BUFFERS.get(key, {name: shape for name in ks.kernels}, ks.dtype)
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int | None):
+    """Limit numba and the BLAS to ``threads`` in this task (None: leave as is)."""
+    import numba
+
+    # numba re-reads NUMBA_NUM_THREADS from the environment whenever it compiles (first use
+    # on a machine without a cache) and refuses a value other than the one its thread pool
+    # was launched with; a worker's environment may differ from it (the nanny sets it
+    # around the spawn), so pin the variable to the pool's size.
+    os.environ["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _failure(what: str, exc: DeqntkError) -> dict[str, Any]:
+    return {"ok": False, "what": what, "type": type(exc).__name__, "error": str(exc)}
+
+
+@contextlib.contextmanager
+def _fatal_write_errors(path: str):
+    """Turn write errors that a retry cannot fix (full disk, read-only filesystem, no
+    permission) into a :class:`StoreError`, which the task reports instead of raising."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FATAL_WRITE_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StoreError(
+            f"cannot write to the kernel store {path}: {exc.strerror or exc}{where}"
+        ) from exc
+
+
+def _check_identity(ks: KernelStore, job) -> None:
+    if job.identity and job.identity != ks.identity_digest:
+        raise StoreMismatchError(
+            f"the attrs of kernel store {ks.path} changed while the job ran (identity "
+            f"{ks.identity_digest}, planned under {job.identity}); nothing was written"
+        )
+
+
+def _peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_tile(job: TileJob) -> dict[str, Any]:
+    """Compute tile (i, j) on this worker, write it and its mirror, then its ledger entry.
+
+    A deterministic maths or input failure (:class:`DeqntkError`) is returned as a report
+    with ``ok = False`` (retrying cannot help); anything else (I/O, memory) raises so that
+    dask retries the task.  Nothing is marked done unless its data was written.
+
+    Returns
+    -------
+    dict
+        ``ok``, ``tile``, ``entries``, ``max_residual``, ``iterations``, ``seconds``
+        (reading the rows + compute), ``read_seconds``, ``write_seconds``, ``bytes``
+        (written), ``checksum``, ``peak_rss``, ``pid``.
+    """
+    from .kernels import kernel_matrix
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    ks = _store(job.store)
+    what = job.describe()
+    shape = (job.rows[1] - job.rows[0], job.cols[1] - job.cols[0])
+    try:
+        _check_identity(ks, job)
+        X = _rows(job.dataset, ks.dataset_fingerprint, *job.rows)
+        Y = None if job.i == job.j else _rows(job.dataset, ks.dataset_fingerprint, *job.cols)
+        kw = dict(job.options)
+        if isinstance(ks.spec, CDEQSpec):
+            # stores made before the tolerance was recorded were computed at 1e-13
+            kw.setdefault("tol", LEGACY_CDEQ_TOL)
+            kw["self_x"] = ks.self_covariance_rows(*job.rows)
+            if Y is not None:
+                kw["self_y"] = ks.self_covariance_rows(*job.cols)
+        t_read = time.perf_counter() - t0
+        with _thread_limit(job.threads):
+            res = kernel_matrix(ks.spec, X, Y, out=_tile_buffers(ks, shape), **kw)
+    except DeqntkError as exc:
+        return _failure(what, exc)
+    t1, c1 = time.perf_counter(), time.process_time()
+    values = {name: getattr(res, name) for name in ks.kernels}
+    try:
+        with _fatal_write_errors(ks.path):
+            crc = ks.write_tile(
+                job.i,
+                job.j,
+                values,
+                max_residual=float(res.max_residual),
+                iterations=int(res.iterations),
+                seconds=t1 - t0,
+            )
+    except StoreError as exc:
+        return _failure(what, exc)
+    n_entries = (job.rows[1] - job.rows[0]) * (job.cols[1] - job.cols[0])
+    n_entries *= 1 if job.i == job.j else 2
+    return {
+        "ok": True,
+        "tile": (job.i, job.j),
+        "entries": n_entries,
+        "max_residual": float(res.max_residual),
+        "iterations": int(res.iterations),
+        "seconds": t1 - t0,
+        "read_seconds": t_read,
+        "write_seconds": time.perf_counter() - t1,
+        "cpu_seconds": c1 - c0,
+        "write_cpu_seconds": time.process_time() - c1,
+        "bytes": n_entries * ks.dtype.itemsize * len(ks.kernels),
+        "checksum": crc["checksum"],
+        "peak_rss": _peak_rss(),
+        "pid": os.getpid(),
+    }
+
+
+def run_self_covariance(job: AuxJob) -> dict[str, Any]:
+    """Compute and store the CDEQ self-covariances of rows ``[start, stop)``."""
+    from .kernels import self_covariance
+
+    ks = _store(job.store)
+    try:
+        _check_identity(ks, job)
+        X = _rows(job.dataset, ks.dataset_fingerprint, job.start, job.stop)
+        with _thread_limit(job.threads):
+            sc = self_covariance(ks.spec, X)
+        with _fatal_write_errors(ks.path):
+            ks.write_self_covariance(job.start, job.stop, sc)
+    except DeqntkError as exc:
+        return _failure(job.describe(), exc)
+    return {"ok": True, "rows": (job.start, job.stop), "peak_rss": _peak_rss()}
