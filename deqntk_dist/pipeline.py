@@ -217,7 +217,7 @@ def prepare_dataset(
     pos = 0
     for part in (xs, xt):
         for i in range(0, part.shape[0], _ROW_CHUNK):
-            rows = fitted.transform(part[i : i + _ROW_CHUNK])
+            rows = fitted.transform(part[i : i + _ROW_CHUNK], first_row=pos)
             x[pos : pos + rows.shape[0]] = rows.reshape(rows.shape[0], *feature_shape)
             pos += rows.shape[0]
     preprocessing = {**fitted.to_attrs(), "layout": request.layout, "selection": selection}

@@ -408,6 +408,56 @@ def test_zca_images_keep_shape_and_rank_deficient():
         fit_preprocessing(PreprocessConfig(steps=("zca",), zca_strength=0.0), imgs)
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 2.0**1000])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        ("unit-norm",),
+        ("center", "unit-norm"),
+        ("standardize", "unit-norm"),
+        ("zca", "unit-norm"),
+        ("standardize", "zca", "unit-norm"),
+    ],
+)
+def test_preprocessing_of_extreme_magnitudes_is_scale_invariant(scale, steps):
+    """Entries near 1e200 (squares overflow) or 1e-200 (squares underflow) used to give
+    all-zero rows; the steps are scale invariant, so the result must equal the one on the
+    same data at ordinary magnitude (computed independently by plain numpy)."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(40, 6)) + 0.5
+    config = PreprocessConfig(steps=steps, zca_strength=0.1)
+    if steps[0] == "zca" and scale > 1:  # covariance ~1e400: not representable, refused
+        with pytest.raises(DatasetError, match="'zca': the training covariance overflows"):
+            fit_preprocessing(config, x * scale)
+        return
+    big = fit_preprocessing(config, x * scale)
+    got = big.transform(x * scale)
+    np.testing.assert_allclose(got, fit_preprocessing(config, x).transform(x), rtol=1e-12)
+    if steps == ("center", "unit-norm"):  # independent route, no deqntk code
+        z = x - x.mean(0)
+        np.testing.assert_allclose(
+            got, z * np.sqrt(6) / np.linalg.norm(z, axis=1)[:, None], rtol=1e-12
+        )
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.sqrt(6), rtol=1e-13)
+
+
+def test_preprocessing_overflow_is_refused():
+    """A step whose result is not representable raises DatasetError naming step and row."""
+    x = np.array([[1.7e308, 1.0], [-1.7e308, 2.0], [-1.7e308, 3.0]])
+    with pytest.raises(DatasetError, match="step 'center' overflows float64.*row 0"):
+        fit_preprocessing(PreprocessConfig(steps=("center", "unit-norm")), x)
+    fitted = fit_preprocessing(PreprocessConfig(steps=("center", "unit-norm")), x[1:])
+    test = np.array([[1.0, 1.0], [1.7e308, 1.0]])
+    with pytest.raises(DatasetError, match="step 'center' overflows float64.*row 11"):
+        fitted.transform(test, first_row=10)
+    rng = np.random.default_rng(22)
+    with pytest.raises(DatasetError, match="'zca': the training covariance overflows"):
+        fit_preprocessing(PreprocessConfig(steps=("zca",)), rng.normal(size=(20, 3)) * 1e200)
+    tiny = fit_preprocessing(PreprocessConfig(steps=("standardize",)), np.array([[0.0], [1e-11]]))
+    with pytest.raises(DatasetError, match="step 'standardize' overflows float64.*row 0"):
+        tiny.transform(np.array([[1.7e308]]))
+
+
 # --------------------------------------------------------------------------------- subsetting
 def test_balanced_subset():
     y = np.repeat(np.arange(4), [50, 50, 50, 3])
