@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .dataset import MAX_CLASSES, label_range_error
 from .errors import DatasetError
 
 __all__ = [
@@ -126,24 +127,24 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _check_labels(what: str, y, n_expected: int, *, n_classes: int | None = None) -> np.ndarray:
+    """Labels as int64, or DatasetError: not 1-D integers, wrong count, or a label outside
+    ``[0, n_classes)`` (default :data:`~deqntk_dist.dataset.MAX_CLASSES`) naming its row."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise DatasetError(f"{what} must be one-dimensional, got shape {y.shape}")
     if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
+        with np.errstate(invalid="ignore"):
+            integral = np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)
+        if not integral:
             raise DatasetError(f"{what} must be integer class labels, got dtype {y.dtype}")
     if y.shape[0] != n_expected:
         raise DatasetError(
             f"{what}: label/image count mismatch: {y.shape[0]} labels for {n_expected} images"
         )
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise DatasetError(f"{what} must be class labels >= 0, got minimum {int(y.min())}")
-    if n_classes is not None and y.size and y.max() >= n_classes:
-        raise DatasetError(
-            f"{what} must be class labels in [0, {n_classes}), got maximum {int(y.max())}"
-        )
-    return y
+    problem = label_range_error(what, y, MAX_CLASSES if n_classes is None else n_classes)
+    if problem:
+        raise DatasetError(problem)
+    return y.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------- IDX

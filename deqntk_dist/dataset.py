@@ -30,6 +30,7 @@ from .errors import DatasetError, StoreError
 __all__ = [
     "DATASET_FORMAT",
     "DATASET_FORMAT_VERSION",
+    "MAX_CLASSES",
     "DatasetStore",
     "dataset_fingerprint",
     "dataset_store_from_file",
@@ -41,6 +42,30 @@ DATASET_FORMAT = "deqntk-dataset"
 DATASET_FORMAT_VERSION = 1
 #: Target bytes per ``x`` chunk (row chunks).
 _X_CHUNK_BYTES = 8 * 2**20
+#: Class labels are integers in ``[0, MAX_CLASSES)``: the regression stage builds one-hot
+#: targets with ``max(label) + 1`` columns for every training and test row.
+MAX_CLASSES = 10_000
+
+
+def label_range_error(what: str, y: np.ndarray, bound: int = MAX_CLASSES) -> str | None:
+    """Message naming the first row of ``y`` whose label is outside ``[0, bound)``, or None.
+
+    ``y`` is 1-D integer or (integer-valued, finite) floating; compared without casting, so
+    a label of 1e300 or 2**63 is reported as given.
+    """
+    if not y.size:
+        return None
+    bad = np.flatnonzero(~((y >= 0) & (y < bound)))
+    if not bad.size:
+        return None
+    row = int(bad[0])
+    value = y[row].item()
+    more = f" ({bad.size} rows out of range)" if bad.size > 1 else ""
+    hint = "; number the classes 0..K-1" if bound == MAX_CLASSES else ""
+    return (
+        f"{what} must be class labels >= 0 and < {bound}: row {row} holds label {value!r}"
+        f"{more}{hint}"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +141,9 @@ def _validate(x, y, n_train, name) -> tuple[np.ndarray, np.ndarray, int]:
         y.dtype.kind == "f" and np.isfinite(y).all() and np.all(y == np.round(y))
     ):
         raise DatasetError(f"y must hold integer class labels, got dtype {y.dtype}")
+    problem = label_range_error("y", y)
+    if problem:
+        raise DatasetError(problem)
     if isinstance(n_train, bool) or not isinstance(n_train, int | np.integer):
         raise DatasetError(f"n_train must be an integer, got {n_train!r}")
     n_train = int(n_train)

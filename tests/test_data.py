@@ -314,6 +314,34 @@ def test_npz_errors(tmp_path):
         load_npz(tmp_path / "missing.npz")
 
 
+def test_reader_labels_outside_class_range(tmp_path):
+    """npz, IDX and CIFAR labels beyond the class bound are refused naming file, row, label."""
+    rng = np.random.default_rng(31)
+    x, y = rng.normal(size=(10, 4)), rng.integers(0, 3, 10)
+    big = y.copy()
+    big[6] = 10**9
+    np.savez(tmp_path / "big.npz", x_train=x, y_train=y, x_test=x, y_test=big)
+    with pytest.raises(DatasetError, match=r"'y_test' must be .*< 10000: row 6 holds label 10+"):
+        load_npz(tmp_path / "big.npz")
+    np.savez(tmp_path / "float.npz", x=x, y=np.where(np.arange(10) == 2, 1e300, y * 1.0))
+    with pytest.raises(DatasetError, match=r"row 2 holds label 1e\+300"):
+        load_npz(tmp_path / "float.npz")
+    d = tmp_path / "idx"
+    write_idx_dir(d, rng)
+    labels = np.zeros(12, np.int64)
+    labels[4] = 2**31 - 1
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels, 0x0C)))
+    with pytest.raises(DatasetError, match=r"train-labels.*row 4 holds label 2147483647"):
+        load_idx_dataset(d)
+    c = tmp_path / "c"
+    write_cifar_dir(c, rng)
+    bad = cifar_batch(rng, 4)
+    bad[b"labels"][3] = 10
+    (c / "data_batch_2").write_bytes(pickle.dumps(bad, protocol=2))
+    with pytest.raises(DatasetError, match=r"data_batch_2.*< 10: row 3 holds label 10"):
+        load_cifar10(c)
+
+
 def test_unknown_dataset_and_missing_source(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="dataset must be one of .*got 'imagenet'"):
         load_dataset("imagenet", tmp_path)

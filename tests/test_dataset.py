@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from deqntk_dist import open_dataset_store, write_dataset_store
-from deqntk_dist.dataset import dataset_store_from_file
+from deqntk_dist.dataset import MAX_CLASSES, dataset_store_from_file
 from deqntk_dist.errors import DatasetError, StoreError
 
 
@@ -83,6 +83,23 @@ def test_bad_arrays(tmp_path, rng, change, word):
     with pytest.raises(DatasetError, match=word):
         write_dataset_store(tmp_path / "ds", x, y, n_train=10, name="bad")
     assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(
+    "label, shown", [(10**9, "1000000000"), (-3, "-3"), (1e300, r"1e\+300"), (10_000, "10000")]
+)
+def test_labels_outside_class_range_are_refused(tmp_path, rng, label, shown):
+    """One label of 10**9 used to pass prepare and compute, then the regression asked for a
+    2.18 TiB one-hot matrix: labels must lie in [0, MAX_CLASSES), the bad row is named."""
+    x, y = _data(rng)
+    y = y.astype(np.float64 if isinstance(label, float) else np.int64)
+    y[17] = label
+    with pytest.raises(DatasetError, match=rf"< {MAX_CLASSES}: row 17 holds label {shown}\b"):
+        write_dataset_store(tmp_path / "ds", x, y, n_train=10, name="bad")
+    assert not (tmp_path / "ds").exists()
+    y[17] = MAX_CLASSES - 1
+    ds = write_dataset_store(tmp_path / "ds", x, y, n_train=10, name="ok")
+    assert ds.y[17] == MAX_CLASSES - 1 == 9999
 
 
 @pytest.mark.parametrize("n_train", [0, 38, 2.0])

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ import zarr
 from deqntk_dist import DEQSpec, kernel_matrix, open_kernel_store
 from deqntk_dist.cli import main
 from deqntk_dist.dataset import open_dataset_store
-from deqntk_dist.errors import DatasetError, InputError, StoreMismatchError
+from deqntk_dist.errors import DatasetError, DatasetWarning, InputError, StoreMismatchError
 from deqntk_dist.pipeline import PrepareRequest, prepare_dataset
 from deqntk_dist.preprocess import PreprocessConfig
 
@@ -97,6 +102,42 @@ def test_prepare_huge_magnitudes_equal_scaled_down_data(tmp_path, npz_source):
     with pytest.raises(DatasetError, match="step 'center' overflows float64 .*in row 60:"):
         prepare_dataset(tmp_path / "bad.zarr", req)
     assert sorted(p.name for p in tmp_path.iterdir() if "bad" in p.name) == ["bad.npz"]
+
+
+def test_prepare_warns_about_test_classes_absent_from_training(tmp_path, npz_source):
+    """Test rows of a class no training row has can never be predicted (accuracy 0 on them,
+    silently): prepare warns, on a fresh store and on a reused one, and the CLI shows it."""
+    _, x, y = npz_source
+    y_test = y[100:].copy()
+    y_test[:7] = 5  # a class absent from the training rows (labels 0..2)
+    src = tmp_path / "unseen.npz"
+    np.savez(src, x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y_test)
+    req = PrepareRequest(dataset="npz", source=src)
+    msg = r"test class\(es\) 5 \(7 of 50 test rows\) never occur in the training rows"
+    with pytest.warns(DatasetWarning, match=msg):
+        prepare_dataset(tmp_path / "ds.zarr", req)
+    with pytest.warns(DatasetWarning, match=msg):
+        assert prepare_dataset(tmp_path / "ds.zarr", req).reused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when every test class is trained on
+        prepare_dataset(tmp_path / "ok.zarr", PrepareRequest(dataset="npz", source=npz_source[0]))
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deqntk"),
+            "prepare",
+            "--dataset",
+            "npz",
+            "--source",
+            str(src),
+            "--out",
+            str(tmp_path / "cli.zarr"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "DatasetWarning" in res.stderr and re.search(msg, res.stderr), res.stderr
 
 
 def test_prepare_reuse_mismatch_overwrite(tmp_path, npz_source):
