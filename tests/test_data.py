@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import re
 import struct
 import tarfile
 from dataclasses import replace
@@ -456,6 +457,42 @@ def test_npz_bombs_and_header_overflow_are_refused_in_bounded_memory(tmp_path):
     fz.write_zip(tmp_path / "many.npz", arrays + [(f"e{i}", b"") for i in range(1500)])
     with pytest.raises(DatasetError, match="lists 1502 entries, more than an npz holds"):
         load_npz(tmp_path / "many.npz")
+
+
+def test_fuzz_readers_smoke():
+    """A handful of seeded fuzz cases per reader (scripts/fuzz_readers.py): every one ends in
+    a dataset or a DeqntkError, in bounded memory, and the script reports its figures."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_readers.py"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--cases",
+            "6",
+            "--seed",
+            "7",
+            "--bomb-mib",
+            "64",
+            "--max-case-mib",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["failures"] == 0
+    for reader in ("idx", "cifar", "npz"):
+        st = summary["stats"][reader]
+        assert st["cases"] == 6 == st["result"] + st["error"], st
+    assert re.search(
+        r"peak RSS: this process [\d.]+ MiB, children \(workers\) [\d.]+ MiB", res.stdout
+    )
 
 
 # ---------------------------------------------------------------------------------------- npz
