@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import tarfile
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,7 +30,7 @@ from .errors import DatasetError
 from .safeload import (
     DECOMPRESSION_ERRORS,
     MAX_DIMS,
-    NPY_MAX_HEADER,
+    NPZ_ERRORS,
     BoundedTarInfo,
     CappedReader,
     PickledArray,
@@ -40,7 +39,8 @@ from .safeload import (
     load_array_pickle,
     open_stream,
     read_exactly,
-    read_npy_header,
+    read_npy_files,
+    read_npz_arrays,
     skip_bytes,
 )
 
@@ -551,31 +551,6 @@ def _split_n_train(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
 
 #: Arrays an npz source may provide; nothing else in the file is read.
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y", "n_train")
-#: Most entries an npz (zip) file may list: zipfile keeps one object per entry in memory.
-_NPZ_MAX_ENTRIES = 1000
-_NPZ_ERRORS = (
-    OSError,
-    ValueError,
-    EOFError,
-    zlib.error,
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    NotImplementedError,
-    RuntimeError,
-)
-
-
-def _npy_checked(stream: IO[bytes], size: int, label: str) -> int:
-    """Header of an ``.npy`` stream checked against the ``size`` bytes it really holds."""
-    shape, dtype, offset = read_npy_header(stream, label)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if offset + nbytes != size:
-        raise DatasetError(
-            f"{label} is corrupt or not a numpy file: its header declares shape {shape} of "
-            f"{dtype} ({nbytes} data bytes after a {offset}-byte header), the file holds "
-            f"{size} bytes"
-        )
-    return nbytes
 
 
 def _npz_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[Path]]:
@@ -589,18 +564,7 @@ def _npz_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[Path
     if path.is_dir():
         found = sorted(f.stem for f in path.glob("*.npy"))
         files = [path / f"{k}.npy" for k in _NPZ_KEYS if (path / f"{k}.npy").is_file()]
-        total = 0
-        for f in files:
-            with open(f, "rb") as fh:
-                total += _npy_checked(fh, f.stat().st_size, f"npy file {str(f)!r}")
-        check_declared_size(where, total, "array data")
-        arrays = {}
-        for f in files:
-            with open(f, "rb") as fh:
-                arrays[f.stem] = np.lib.format.read_array(
-                    fh, allow_pickle=False, max_header_size=NPY_MAX_HEADER
-                )
-        return arrays, found, files
+        return read_npy_files(files, where), found, files
     if not path.is_file():
         raise DatasetError(f"{where} does not exist")
     if not zipfile.is_zipfile(path):
@@ -611,30 +575,7 @@ def _npz_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[str], list[Path
                 f"{where} holds a single array; give a .npz with x_train/y_train/x_test/"
                 "y_test (or x/y) or a directory of .npy files"
             )
-        raise DatasetError(f"{where} is corrupt or not a numpy file: not a zip archive")
-    end_record = getattr(zipfile, "_EndRecData", None)  # entry count before zipfile lists them
-    if end_record is not None:
-        with open(path, "rb") as fh:
-            entries = end_record(fh)[zipfile._ECD_ENTRIES_TOTAL]
-        if entries > _NPZ_MAX_ENTRIES:
-            raise DatasetError(
-                f"{where} lists {entries} entries, more than an npz holds ({_NPZ_MAX_ENTRIES})"
-            )
-    with zipfile.ZipFile(path) as zf:
-        infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
-        found = sorted(infos)
-        wanted = [infos[k] for k in _NPZ_KEYS if k in infos]
-        total = 0
-        for info in wanted:
-            with zf.open(info) as member:
-                total += _npy_checked(member, info.file_size, f"{where} member {info.filename!r}")
-        check_declared_size(where, total, "array data")
-        arrays = {}
-        for info in wanted:
-            with zf.open(info) as member:
-                arrays[info.filename[:-4]] = np.lib.format.read_array(
-                    member, allow_pickle=False, max_header_size=NPY_MAX_HEADER
-                )
+    arrays, found = read_npz_arrays(path, _NPZ_KEYS, where)
     return arrays, found, [path]
 
 
@@ -656,7 +597,7 @@ def load_npz(source: str | os.PathLike) -> RawDataset:
         records = [_file_record(f) for f in read]
     except DatasetError:
         raise
-    except _NPZ_ERRORS as exc:
+    except NPZ_ERRORS as exc:
         raise DatasetError(
             f"npz source {str(path)!r} is corrupt or not a numpy file: {str(exc)[:300]}"
         ) from None

@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 
 from .errors import DatasetError, StoreError
+from .safeload import NPZ_ERRORS, read_npy_files, read_npz_arrays
 
 __all__ = [
     "DATASET_FORMAT",
@@ -299,21 +300,25 @@ def dataset_store_from_file(
         raise DatasetError(f"dataset file not found: {src}")
     try:
         if src.suffix == ".npy":
-            x = np.load(src, allow_pickle=False)
+            x = read_npy_files([src], f"dataset file {src}")[src.stem]
             y = np.zeros(len(x), dtype=np.int64)
             stored_n_train = None
         else:
-            with np.load(src, allow_pickle=False) as f:
-                if "x" not in f or "y" not in f:
-                    raise DatasetError(
-                        f"npz dataset must hold arrays 'x' and 'y', got {sorted(f.files)}: {src}"
-                    )
-                x, y = f["x"], f["y"]
-                stored_n_train = int(f["n_train"]) if "n_train" in f else None
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, DatasetError):
-            raise
-        raise DatasetError(f"cannot read dataset file {src}: {exc}") from exc
+            arrays, found = read_npz_arrays(src, ("x", "y", "n_train"), f"dataset file {src}")
+            if "x" not in arrays or "y" not in arrays:
+                raise DatasetError(f"npz dataset must hold arrays 'x' and 'y', got {found}: {src}")
+            x, y = arrays["x"], arrays["y"]
+            stored = arrays.get("n_train")
+            if stored is not None and (stored.shape != () or stored.dtype.kind not in "iu"):
+                raise DatasetError(
+                    f"npz dataset's n_train must be an integer scalar, got {stored.dtype} of "
+                    f"shape {stored.shape}: {src}"
+                )
+            stored_n_train = int(stored) if stored is not None else None
+    except DatasetError:
+        raise
+    except NPZ_ERRORS as exc:
+        raise DatasetError(f"cannot read dataset file {src}: {str(exc)[:300]}") from exc
     if n_train is None:
         n_train = stored_n_train if stored_n_train is not None else len(x)
     return write_dataset_store(

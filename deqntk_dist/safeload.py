@@ -25,6 +25,7 @@ import lzma
 import math
 import pickle
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +39,8 @@ __all__ = [
     "DECOMPRESSION_ERRORS",
     "MAX_DIMS",
     "NPY_MAX_HEADER",
+    "NPZ_ERRORS",
+    "NPZ_MAX_ENTRIES",
     "TAR_META_MAX",
     "BoundedTarInfo",
     "CappedReader",
@@ -48,7 +51,9 @@ __all__ = [
     "load_array_pickle",
     "open_stream",
     "read_exactly",
+    "read_npy_files",
     "read_npy_header",
+    "read_npz_arrays",
     "skip_bytes",
 ]
 
@@ -228,6 +233,88 @@ def read_npy_header(stream: IO[bytes], label: str) -> tuple[tuple[int, ...], np.
     if len(shape) > MAX_DIMS:
         raise DatasetError(f"{label} has {len(shape)} dimensions (at most {MAX_DIMS})")
     return tuple(shape), dtype, offset
+
+
+#: Most entries an npz (zip) file may list: zipfile keeps one object per entry in memory.
+NPZ_MAX_ENTRIES = 1000
+#: Exceptions reading a corrupt ``.npz`` / ``.npy`` raises (mapped to DatasetError).
+NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zlib.error,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def _npy_checked(stream: IO[bytes], size: int, label: str) -> int:
+    """Data bytes of an ``.npy`` stream whose header must match the ``size`` it holds."""
+    shape, dtype, offset = read_npy_header(stream, label)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset + nbytes != size:
+        raise DatasetError(
+            f"{label} is corrupt or not a numpy file: its header declares shape {shape} of "
+            f"{dtype} ({nbytes} data bytes after a {offset}-byte header), the file holds "
+            f"{size} bytes"
+        )
+    return nbytes
+
+
+def read_npy_files(files: list[Path], where: str) -> dict[str, np.ndarray]:
+    """``{stem: array}`` of ``.npy`` files, each header checked against the file's size and
+    the total against this machine's memory before any data is read (no pickles)."""
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            total += _npy_checked(fh, f.stat().st_size, f"npy file {str(f)!r}")
+    check_declared_size(where, total, "array data")
+    arrays = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            arrays[f.stem] = np.lib.format.read_array(
+                fh, allow_pickle=False, max_header_size=NPY_MAX_HEADER
+            )
+    return arrays
+
+
+def read_npz_arrays(
+    path: Path, keys: tuple[str, ...], where: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays named ``keys`` of an ``.npz`` (zip) file, and every array name it lists.
+
+    Other members are never read.  The entry count (at most :data:`NPZ_MAX_ENTRIES`) is
+    checked before zipfile lists the entries, each array's header against its member's size
+    (a compressed member inflates to at most that size), and the total against memory.
+    Corrupt files raise one of :data:`NPZ_ERRORS` (callers map them to DatasetError).
+    """
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{where} is corrupt or not a numpy file: not a zip archive")
+    end_record = getattr(zipfile, "_EndRecData", None)  # entry count before zipfile lists them
+    if end_record is not None:
+        with open(path, "rb") as fh:
+            entries = end_record(fh)[zipfile._ECD_ENTRIES_TOTAL]
+        if entries > NPZ_MAX_ENTRIES:
+            raise DatasetError(
+                f"{where} lists {entries} entries, more than an npz holds ({NPZ_MAX_ENTRIES})"
+            )
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+        wanted = [infos[k] for k in keys if k in infos]
+        total = 0
+        for info in wanted:
+            with zf.open(info) as member:
+                total += _npy_checked(member, info.file_size, f"{where} member {info.filename!r}")
+        check_declared_size(where, total, "array data")
+        arrays = {}
+        for info in wanted:
+            with zf.open(info) as member:
+                arrays[info.filename[:-4]] = np.lib.format.read_array(
+                    member, allow_pickle=False, max_header_size=NPY_MAX_HEADER
+                )
+    return arrays, sorted(infos)
 
 
 # ---------------------------------------------------------------------------------- pickle

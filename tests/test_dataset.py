@@ -132,3 +132,31 @@ def test_from_npz(tmp_path, rng):
         dataset_store_from_file(tmp_path / "bad.npz", tmp_path / "ds2")
     with pytest.raises(DatasetError, match="not found"):
         dataset_store_from_file(tmp_path / "none.npz", tmp_path / "ds3")
+
+
+def _crafted_npy(a: np.ndarray, shape: str) -> bytes:
+    """``.npy`` bytes of ``a`` whose header claims another shape (hand-written header)."""
+    text = f"{{'descr': '{a.dtype.str}', 'fortran_order': False, 'shape': {shape}, }}"
+    text += " " * ((-(10 + len(text) + 1)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + a.tobytes()
+
+
+@pytest.mark.parametrize("shape", ["(1099511627776,)", "(2147483648, 2147483648, 4)"])
+def test_from_file_refuses_headers_that_lie(tmp_path, rng, shape):
+    """A header claiming 8 TiB (numpy: MemoryError traceback) or a shape whose product wraps
+    int64 is refused from the header, before any array is allocated."""
+    import zipfile
+
+    x, y = _data(rng)
+    with zipfile.ZipFile(tmp_path / "lie.npz", "w") as zf:
+        zf.writestr("x.npy", _crafted_npy(x, shape))
+        zf.writestr("y.npy", _crafted_npy(y, f"({y.size},)"))
+    with pytest.raises(DatasetError, match=r"member 'x.npy' is corrupt .*declares shape"):
+        dataset_store_from_file(tmp_path / "lie.npz", tmp_path / "ds")
+    (tmp_path / "lie.npy").write_bytes(_crafted_npy(x, shape))
+    with pytest.raises(DatasetError, match=r"lie.npy' is corrupt .*declares shape"):
+        dataset_store_from_file(tmp_path / "lie.npy", tmp_path / "ds")
+    np.savez(tmp_path / "nt.npz", x=x, y=y, n_train=np.arange(3))
+    with pytest.raises(DatasetError, match="n_train must be an integer scalar"):
+        dataset_store_from_file(tmp_path / "nt.npz", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
