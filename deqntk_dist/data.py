@@ -194,6 +194,21 @@ def _stream_error(path: Path, kind: str | None, exc: BaseException) -> DatasetEr
     )
 
 
+#: A compressed IDX file declaring more data than this is read through once, keeping
+#: nothing, before memory is set aside for it; smaller ones are read in one pass (a crafted
+#: file then holds at most this much, briefly, before it is refused).
+_IDX_ONE_PASS_BYTES = 256 * 2**20
+
+
+def _idx_size_error(path: Path, shape, expected: int, found: int | str) -> DatasetError:
+    short = isinstance(found, int) and found < expected
+    kind = "truncated" if short else "longer than its header says"
+    return DatasetError(
+        f"IDX file {str(path)!r} is {kind}: header shape {shape} needs {expected} data "
+        f"bytes, found {found}"
+    )
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (optionally gzip / bzip2 / xz compressed), the format of MNIST.
 
@@ -201,10 +216,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a
     big-endian uint32; the data follow in row-major big-endian order.
 
-    The data size the header declares is computed exactly (Python integers) and must be
-    what the file holds: a plain file is checked by its size, a compressed one by reading
-    through it once without keeping anything (at most the declared size plus one byte is
-    inflated).  Memory for the data is set aside only after that check.
+    The data size the header declares is computed exactly (Python integers), must fit this
+    machine's memory and is all that is ever inflated (plus one byte, to see trailing
+    data).  A plain file is checked by its size before it is read; a compressed one that
+    declares more than 256 MiB is read through once, keeping nothing, before memory is set
+    aside for it.
 
     Returns
     -------
@@ -222,31 +238,34 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     label = f"dataset file {str(path)!r}"
     stream, kind = open_stream(path, label)
     try:
-        with stream:
+        try:
             dtype, shape, header = _idx_header(stream, path)
             expected = math.prod(shape) * dtype.itemsize
             check_declared_size(f"IDX file {str(path)!r} (header shape {shape})", expected)
             if kind is None:
                 got = path.stat().st_size - header
-            else:
+                if got != expected:
+                    raise _idx_size_error(path, shape, expected, got)
+            elif expected > _IDX_ONE_PASS_BYTES:
                 got = skip_bytes(stream, expected + 1)
-            if got != expected:
-                kind_ = "truncated" if got < expected else "longer than its header says"
-                found = "more" if kind is not None and got > expected else str(got)
-                raise DatasetError(
-                    f"IDX file {str(path)!r} is {kind_}: header shape {shape} needs {expected} "
-                    f"data bytes, found {found}"
-                )
-        stream, kind = open_stream(path, label)
-        with stream:
-            skip_bytes(stream, header)
+                if got != expected:
+                    raise _idx_size_error(path, shape, expected, got if got < expected else "more")
+                stream.close()
+                stream, kind = open_stream(path, label)
+                skip_bytes(stream, header)
             buf = np.empty(expected, dtype=np.uint8)
             view, pos = memoryview(buf), 0
             while pos < expected:
                 n = stream.readinto(view[pos:])
                 if not n:
-                    raise DatasetError(f"IDX file {str(path)!r} changed while it was read")
+                    break
                 pos += n
+            if pos < expected:
+                raise _idx_size_error(path, shape, expected, pos)
+            if kind is not None and stream.read(1):
+                raise _idx_size_error(path, shape, expected, "more")
+        finally:
+            stream.close()
     except DECOMPRESSION_ERRORS as exc:
         raise _stream_error(path, kind, exc) from None
     data = buf.view(dtype).reshape(shape)
