@@ -26,10 +26,12 @@ import numpy as np
 import zarr
 
 from .errors import DatasetError, StoreError
+from .safeload import NPZ_ERRORS, read_npy_files, read_npz_arrays
 
 __all__ = [
     "DATASET_FORMAT",
     "DATASET_FORMAT_VERSION",
+    "MAX_CLASSES",
     "DatasetStore",
     "dataset_fingerprint",
     "dataset_store_from_file",
@@ -41,6 +43,30 @@ DATASET_FORMAT = "deqntk-dataset"
 DATASET_FORMAT_VERSION = 1
 #: Target bytes per ``x`` chunk (row chunks).
 _X_CHUNK_BYTES = 8 * 2**20
+#: Class labels are integers in ``[0, MAX_CLASSES)``: the regression stage builds one-hot
+#: targets with ``max(label) + 1`` columns for every training and test row.
+MAX_CLASSES = 10_000
+
+
+def label_range_error(what: str, y: np.ndarray, bound: int = MAX_CLASSES) -> str | None:
+    """Message naming the first row of ``y`` whose label is outside ``[0, bound)``, or None.
+
+    ``y`` is 1-D integer or (integer-valued, finite) floating; compared without casting, so
+    a label of 1e300 or 2**63 is reported as given.
+    """
+    if not y.size:
+        return None
+    bad = np.flatnonzero(~((y >= 0) & (y < bound)))
+    if not bad.size:
+        return None
+    row = int(bad[0])
+    value = y[row].item()
+    more = f" ({bad.size} rows out of range)" if bad.size > 1 else ""
+    hint = "; number the classes 0..K-1" if bound == MAX_CLASSES else ""
+    return (
+        f"{what} must be class labels >= 0 and < {bound}: row {row} holds label {value!r}"
+        f"{more}{hint}"
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +142,9 @@ def _validate(x, y, n_train, name) -> tuple[np.ndarray, np.ndarray, int]:
         y.dtype.kind == "f" and np.isfinite(y).all() and np.all(y == np.round(y))
     ):
         raise DatasetError(f"y must hold integer class labels, got dtype {y.dtype}")
+    problem = label_range_error("y", y)
+    if problem:
+        raise DatasetError(problem)
     if isinstance(n_train, bool) or not isinstance(n_train, int | np.integer):
         raise DatasetError(f"n_train must be an integer, got {n_train!r}")
     n_train = int(n_train)
@@ -271,21 +300,25 @@ def dataset_store_from_file(
         raise DatasetError(f"dataset file not found: {src}")
     try:
         if src.suffix == ".npy":
-            x = np.load(src, allow_pickle=False)
+            x = read_npy_files([src], f"dataset file {src}")[src.stem]
             y = np.zeros(len(x), dtype=np.int64)
             stored_n_train = None
         else:
-            with np.load(src, allow_pickle=False) as f:
-                if "x" not in f or "y" not in f:
-                    raise DatasetError(
-                        f"npz dataset must hold arrays 'x' and 'y', got {sorted(f.files)}: {src}"
-                    )
-                x, y = f["x"], f["y"]
-                stored_n_train = int(f["n_train"]) if "n_train" in f else None
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, DatasetError):
-            raise
-        raise DatasetError(f"cannot read dataset file {src}: {exc}") from exc
+            arrays, found = read_npz_arrays(src, ("x", "y", "n_train"), f"dataset file {src}")
+            if "x" not in arrays or "y" not in arrays:
+                raise DatasetError(f"npz dataset must hold arrays 'x' and 'y', got {found}: {src}")
+            x, y = arrays["x"], arrays["y"]
+            stored = arrays.get("n_train")
+            if stored is not None and (stored.shape != () or stored.dtype.kind not in "iu"):
+                raise DatasetError(
+                    f"npz dataset's n_train must be an integer scalar, got {stored.dtype} of "
+                    f"shape {stored.shape}: {src}"
+                )
+            stored_n_train = int(stored) if stored is not None else None
+    except DatasetError:
+        raise
+    except NPZ_ERRORS as exc:
+        raise DatasetError(f"cannot read dataset file {src}: {str(exc)[:300]}") from exc
     if n_train is None:
         n_train = stored_n_train if stored_n_train is not None else len(x)
     return write_dataset_store(

@@ -18,6 +18,7 @@ __all__ = [
     "DatasetError",
     "SolveError",
     "NotPositiveDefiniteError",
+    "DatasetWarning",
 ]
 
 
@@ -72,3 +73,7 @@ class SolveError(DeqntkError, ArithmeticError):
 
 class NotPositiveDefiniteError(SolveError):
     """A Cholesky factorisation (or CG curvature) found the matrix not positive definite."""
+
+
+class DatasetWarning(UserWarning):
+    """A dataset is usable but suspicious (e.g. test classes that never occur in training)."""

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 
 from .data import DATASETS, load_dataset
 from .dataset import DatasetStore, open_dataset_store, write_dataset_store
-from .errors import InputError, StoreError, StoreMismatchError
+from .errors import DatasetWarning, InputError, StoreError, StoreMismatchError
 from .preprocess import PreprocessConfig, fit_preprocessing, select_rows
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "format_report",
     "prepare_dataset",
     "run_pipeline",
+    "warn_unseen_test_classes",
 ]
 
 #: ``flat``: rows of shape (D,) for the FC DEQ-NTK; ``image``: (H, W, C) for the CDEQ-NTK.
@@ -159,6 +161,33 @@ def _diff(have: dict | None, want: dict) -> str:
     return "; ".join(f"{k}: stored {have.get(k)!r}, requested {want.get(k)!r}" for k in keys)
 
 
+def warn_unseen_test_classes(y: np.ndarray, n_train: int, where: str) -> np.ndarray:
+    """Warn (:class:`DatasetWarning`) about test labels that no training row has.
+
+    Kernel regression can only predict classes it was trained on, so every test row of such
+    a class counts as an error in the accuracy.
+
+    Returns
+    -------
+    ndarray of int64
+        The unseen classes (empty when there are none).
+    """
+    y = np.asarray(y)
+    test = y[n_train:]
+    unseen = np.setdiff1d(np.unique(test), np.unique(y[:n_train]))
+    if unseen.size:
+        rows = int(np.isin(test, unseen).sum())
+        shown = ", ".join(str(int(c)) for c in unseen[:20]) + (", ..." if unseen.size > 20 else "")
+        warnings.warn(
+            f"{where}: test class(es) {shown} ({rows} of {test.size} test rows) never occur in "
+            "the training rows: the regression cannot predict them, so these rows count as "
+            "errors in the accuracy",
+            DatasetWarning,
+            stacklevel=3,
+        )
+    return unseen.astype(np.int64)
+
+
 def prepare_dataset(
     out, request: PrepareRequest, *, overwrite: bool = False, install: bool = True
 ) -> PrepareResult:
@@ -178,10 +207,15 @@ def prepare_dataset(
     -------
     PrepareResult
 
+    Warns
+    -----
+    DatasetWarning
+        Test rows of classes that no training row has (they cannot be predicted).
+
     Raises
     ------
     DatasetError
-        Unreadable source files, unknown dataset.
+        Unreadable source files, unknown dataset, labels outside ``[0, MAX_CLASSES)``.
     InputError
         Bad sizes / preprocessing / layout for this dataset.
     StoreMismatchError
@@ -194,6 +228,7 @@ def prepare_dataset(
         have = _stored_request(out)
         if have == want:
             store = open_dataset_store(out)
+            warn_unseen_test_classes(store.y, store.n_train, f"dataset store {out}")
             return PrepareResult(store, True, time.perf_counter() - t0, want)
         if not overwrite:
             raise StoreMismatchError(
@@ -209,6 +244,7 @@ def prepare_dataset(
     xs, ys, xt, yt, selection = select_rows(
         raw, request.n_train, request.n_test, seed=request.seed
     )
+    warn_unseen_test_classes(np.concatenate([ys, yt]), ys.shape[0], f"dataset {raw.name}")
     fitted = fit_preprocessing(request.preprocess, xs)
     feature_shape = (
         raw.feature_shape if request.layout == "image" else (int(np.prod(raw.feature_shape)),)
@@ -217,7 +253,7 @@ def prepare_dataset(
     pos = 0
     for part in (xs, xt):
         for i in range(0, part.shape[0], _ROW_CHUNK):
-            rows = fitted.transform(part[i : i + _ROW_CHUNK])
+            rows = fitted.transform(part[i : i + _ROW_CHUNK], first_row=pos)
             x[pos : pos + rows.shape[0]] = rows.reshape(rows.shape[0], *feature_shape)
             pos += rows.shape[0]
     preprocessing = {**fitted.to_attrs(), "layout": request.layout, "selection": selection}

@@ -10,7 +10,15 @@ Steps, always applied in this order (a step not asked for is skipped):
    training covariance ``U diag(s) U^T`` (``eps`` is the strength; images are whitened
    over all H*W*C features and keep their shape).
 4. ``unit-norm``: each example scaled to Euclidean norm ``sqrt(d)`` (d = features per
-   example); an all-zero example stays zero.
+   example); an all-zero example stays zero.  Examples whose squared norm would overflow or
+   underflow float64 (entries beyond ~1e154 or below ~1e-136) are divided by their largest
+   magnitude first, so the result is the same as for the data scaled into range.
+
+Statistics are computed without overflow where the result is representable (a mean or
+standard deviation of entries near 1e308).  A step whose output is not representable
+(non-finite: e.g. centring entries of opposite sign near 1e308, or a ZCA covariance of entries
+beyond ~1e154 without ``standardize`` first) raises :class:`~deqntk_dist.errors.DatasetError`
+naming the step and the row: a dataset is never silently turned into zeros or infinities.
 
 The fitted statistics are kept on :class:`FittedPreprocessing`; their description (steps,
 parameters, the rows they were fitted on and a SHA-256 digest of the fitted arrays) goes
@@ -125,31 +133,40 @@ class FittedPreprocessing:
     n_fit: int = 0
     eigenvalues: np.ndarray | None = field(default=None, repr=False)
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: np.ndarray, *, first_row: int = 0) -> np.ndarray:
         """Apply the fitted steps.
 
         Parameters
         ----------
         x : ndarray, shape (n, *feature_shape)
+        first_row : int
+            Row number of ``x[0]`` in the caller's numbering (used in error messages).
 
         Returns
         -------
         ndarray of float64, same shape as ``x``
+
+        Raises
+        ------
+        DatasetError
+            A step's output is not representable in float64 (non-finite) for some row.
         """
         shape = x.shape
         z = np.asarray(x, dtype=np.float64).reshape(shape[0], -1) * self.input_scale
-        if self.mean is not None:
-            z = z - self.mean
-        if self.std is not None:
-            z = z / self.std
-        if self.whitening is not None:
-            z = (z - self.zca_mean) @ self.whitening
+        _check_finite(z, "the input", first_row)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.mean is not None:
+                z = z - self.mean
+                _check_finite(z, "center" if self.std is None else "standardize", first_row)
+            if self.std is not None:
+                z = z / self.std
+                _check_finite(z, "standardize", first_row)
+            if self.whitening is not None:
+                z = (z - self.zca_mean) @ self.whitening
+                _check_finite(z, "zca", first_row)
         if "unit-norm" in self.config.steps:
-            norms = np.sqrt(np.einsum("ij,ij->i", z, z))
-            scale = np.divide(
-                np.sqrt(z.shape[1]), norms, out=np.zeros_like(norms), where=norms > 0
-            )
-            z = z * scale[:, None]
+            z = _unit_norm(z)
+            _check_finite(z, "unit-norm", first_row)
         return z.reshape(shape)
 
     def digest(self) -> str:
@@ -175,6 +192,77 @@ class FittedPreprocessing:
         return out
 
 
+#: Squared norms outside [_SQ_MIN, _SQ_MAX] may have lost digits to underflow (entries
+#: below ~1e-136 square to subnormals) or overflowed: those rows are normalised by their
+#: largest magnitude first.
+_SQ_MIN = 2.0**-900
+_SQ_MAX = 2.0**1000
+
+
+def _check_finite(z: np.ndarray, step: str, first_row: int = 0) -> None:
+    """DatasetError naming ``step`` and the first row of ``z`` that holds NaN or inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = z.sum()
+    if np.isfinite(total) or np.isfinite(z).all():  # a finite sum proves every entry finite
+        return
+    row = int(np.argwhere(~np.isfinite(z))[0, 0])
+    if step == "the input":
+        raise DatasetError(f"the input holds NaN or inf in row {first_row + row}")
+    raise DatasetError(
+        f"preprocessing step {step!r} overflows float64 (gives inf or NaN) in row "
+        f"{first_row + row}: the data are too large for it to be representable; rescale the "
+        "data (e.g. divide by its largest absolute value)"
+    )
+
+
+def _unit_norm(z: np.ndarray) -> np.ndarray:
+    """Rows scaled to Euclidean norm sqrt(d) without overflow or underflow (zero rows stay)."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", z, z)
+    norms = np.sqrt(sq)
+    scale = np.divide(np.sqrt(z.shape[1]), norms, out=np.zeros_like(norms), where=norms > 0)
+    out = z * scale[:, None]
+    careful = np.flatnonzero(~((sq >= _SQ_MIN) & (sq <= _SQ_MAX)))
+    if careful.size:
+        rows = z[careful]
+        peak = np.max(np.abs(rows), axis=1)
+        nonzero = peak > 0
+        u = rows[nonzero] / peak[nonzero, None]  # largest magnitude 1: no over/underflow
+        rows[nonzero] = u * (np.sqrt(z.shape[1]) / np.sqrt(np.einsum("ij,ij->i", u, u)))[:, None]
+        rows[~nonzero] = 0.0
+        out[careful] = rows
+    return out
+
+
+def _column_scale(z: np.ndarray) -> np.ndarray:
+    """Largest magnitude per column (1 where a column is all zero)."""
+    g = np.maximum(z.max(axis=0), -z.min(axis=0))
+    g[g == 0] = 1.0
+    return g
+
+
+def _mean(z: np.ndarray) -> np.ndarray:
+    """Per-column mean; entries near 1e308 are scaled first so the sum cannot overflow."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = z.mean(axis=0)
+    if not np.isfinite(mean).all():
+        g = _column_scale(z)
+        mean = (z / g).mean(axis=0) * g
+    return mean
+
+
+def _std(z: np.ndarray) -> np.ndarray:
+    """Per-column standard deviation; columns with entries beyond 2^±400 (whose squares over-
+    or underflow) are scaled to 1 first."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        std = z.std(axis=0)
+    g = _column_scale(z)
+    cols = np.flatnonzero(~((g >= 2.0**-400) & (g <= 2.0**400)))
+    if cols.size:
+        std[cols] = (z[:, cols] / g[cols]).std(axis=0) * g[cols]
+    return std
+
+
 def fit_preprocessing(config: PreprocessConfig, x_train: np.ndarray) -> FittedPreprocessing:
     """Fit the preprocessing statistics on the training rows.
 
@@ -197,19 +285,30 @@ def fit_preprocessing(config: PreprocessConfig, x_train: np.ndarray) -> FittedPr
         )
     scale = 1.0 / 255.0 if np.issubdtype(x_train.dtype, np.integer) else 1.0
     z = x_train.reshape(x_train.shape[0], -1).astype(np.float64) * scale
+    _check_finite(z, "the input")
     mean = std = whitening = zca_mean = eigenvalues = None
     steps = config.steps
     if "center" in steps or "standardize" in steps:
-        mean = z.mean(axis=0)
-        z = z - mean
+        mean = _mean(z)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = z - mean
+        _check_finite(z, "standardize" if "standardize" in steps else "center")
     if "standardize" in steps:
-        std = z.std(axis=0)
-        std[std <= 1e-12 * max(1.0, float(std.max(initial=0.0)))] = 1.0
+        std = _std(z)
+        # constant features (relative to the largest spread: scale invariant) are only centred
+        top = float(std.max(initial=0.0))
+        std[std <= 1e-12 * (max(1.0, top) if 2.0**-400 <= top else top)] = 1.0
         z = z / std
     if "zca" in steps:
-        zca_mean = z.mean(axis=0)
-        zc = z - zca_mean
-        cov = (zc.T @ zc) / zc.shape[0]
+        zca_mean = _mean(z)
+        with np.errstate(over="ignore", invalid="ignore"):
+            zc = z - zca_mean
+        _check_finite(zc, "zca")
+        # entries beyond 2^±400 are scaled to 1 first: their squares over- or underflow
+        g = float(np.max(np.abs(zc), initial=0.0))
+        g = 1.0 if g == 0 or 2.0**-400 <= g <= 2.0**400 else g
+        y = zc if g == 1.0 else zc / g
+        cov = (y.T @ y) / y.shape[0]
         s, U = np.linalg.eigh((cov + cov.T) / 2)
         s = np.clip(s, 0.0, None)
         reg = config.zca_strength * float(s.mean())
@@ -222,6 +321,16 @@ def fit_preprocessing(config: PreprocessConfig, x_train: np.ndarray) -> FittedPr
         whitening = (U / np.sqrt(s + reg)) @ U.T
         whitening = (whitening + whitening.T) / 2
         eigenvalues = s
+        if g != 1.0:
+            whitening = whitening / g  # cov = g^2 cov(y): same eigenvectors, s scaled by g^2
+            with np.errstate(over="ignore", under="ignore"):
+                eigenvalues = s * g * g
+            if not np.isfinite(eigenvalues).all() or not np.isfinite(whitening).all():
+                raise DatasetError(
+                    "preprocessing step 'zca': the training covariance overflows float64 "
+                    f"(largest magnitude after the previous steps {g:.3g}); use 'standardize' "
+                    "before 'zca' or rescale the data"
+                )
     return FittedPreprocessing(
         config=config,
         input_scale=scale,

@@ -19,6 +19,7 @@ import psutil
 from .errors import InputError, StoreError
 
 __all__ = [
+    "DEFAULT_DASHBOARD_ADDRESS",
     "MALLOC_ENV",
     "RuntimeConfig",
     "WORKER_ENV",
@@ -26,6 +27,7 @@ __all__ = [
     "dashboard_link",
     "dask_client",
     "jobqueue_cluster",
+    "resolve_dashboard_address",
 ]
 
 #: glibc malloc settings for worker processes.  dask's nanny sets
@@ -50,6 +52,31 @@ WORKER_ENV = {
 }
 CLUSTER_KINDS = ("local", "slurm", "pbs")
 
+#: Where the scheduler's dashboard listens unless asked otherwise: this machine only, on a
+#: free port.  The dashboard is an unauthenticated HTTP server; ``":8787"`` or
+#: ``"0.0.0.0:8787"`` (an explicit choice) serves it on every interface.
+DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:0"
+
+
+def _check_dashboard_address(value, name: str) -> str:
+    """``value`` if it is a ``HOST:PORT`` string (HOST may be empty), else InputError."""
+    ok = isinstance(value, str) and ":" in value
+    if ok:
+        host, _, port = value.rpartition(":")
+        ok = (
+            port.isascii()
+            and port.isdigit()
+            and int(port) <= 65535
+            and not any(c.isspace() for c in host)
+            and "/" not in host
+        )
+    if not ok:
+        raise InputError(
+            f"{name} must be 'HOST:PORT' with 0 <= PORT <= 65535 (e.g. '127.0.0.1:8787'; "
+            f"':8787' or '0.0.0.0:8787' serves every interface), got {value!r}"
+        )
+    return value
+
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
@@ -69,12 +96,20 @@ class RuntimeConfig:
         Worker processes (default: the number of cores for ``local``, 1 job otherwise).
     memory_limit : str or int, optional
         Per-worker memory limit for a LocalCluster (default: RAM / workers).
+    dashboard_address : str, optional
+        ``HOST:PORT`` of the dashboard of the scheduler this runtime starts (LocalCluster,
+        jobqueue); ignored with ``scheduler``.  Default: dask config
+        ``deqntk.dashboard-address`` (environment ``DASK_DEQNTK__DASHBOARD_ADDRESS``), then
+        for jobqueue ``jobqueue.<kind>.scheduler-options.dashboard_address``, then
+        :data:`DEFAULT_DASHBOARD_ADDRESS` (127.0.0.1 only).  ``":8787"`` serves every
+        interface: the dashboard has no authentication.
     """
 
     scheduler: str | None = None
     cluster: str = "local"
     workers: int | None = None
     memory_limit: str | int | None = None
+    dashboard_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTER_KINDS:
@@ -84,17 +119,42 @@ class RuntimeConfig:
         w = self.workers
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             raise InputError(f"workers must be an integer >= 1, got {w!r}")
+        if self.dashboard_address is not None:
+            _check_dashboard_address(self.dashboard_address, "dashboard_address")
+
+
+def resolve_dashboard_address(config: RuntimeConfig | None = None) -> str | None:
+    """The dashboard address asked for: ``config``, else dask config ``deqntk.dashboard-address``.
+
+    Returns ``None`` when neither sets one (the runtime then uses its own default, which is
+    on 127.0.0.1).  A malformed value raises :class:`InputError` naming where it came from.
+    """
+    import dask
+
+    if config is not None and config.dashboard_address is not None:
+        return config.dashboard_address
+    value = dask.config.get("deqntk.dashboard-address", None)
+    if value is None or value == "":
+        return None
+    return _check_dashboard_address(
+        value, "dask config deqntk.dashboard-address (DASK_DEQNTK__DASHBOARD_ADDRESS)"
+    )
 
 
 def _default_workers() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-def jobqueue_cluster(kind: str, **kwargs):
+def jobqueue_cluster(kind: str, *, dashboard_address: str | None = None, **kwargs):
     """A dask-jobqueue ``SLURMCluster`` / ``PBSCluster`` from dask's ``jobqueue.<kind>`` config.
 
     No job is submitted.  The worker thread limits of :data:`WORKER_ENV` are appended to the
-    config's ``job-script-prologue`` (which is kept); ``kwargs`` override the config.
+    config's ``job-script-prologue`` (which is kept); ``kwargs`` override the config.  The
+    scheduler's dashboard listens on ``dashboard_address`` when given, else on dask config
+    ``deqntk.dashboard-address``, else on the ``dashboard_address`` of ``scheduler_options``
+    (the argument, or the config's ``scheduler-options``), else on
+    :data:`DEFAULT_DASHBOARD_ADDRESS` -- never on every interface unless asked
+    (dask-jobqueue's own default is ``":8787"``, every interface).
     """
     import dask
 
@@ -109,7 +169,18 @@ def jobqueue_cluster(kind: str, **kwargs):
     cls = dask_jobqueue.SLURMCluster if kind == "slurm" else dask_jobqueue.PBSCluster
     prologue = list(dask.config.get(f"jobqueue.{kind}.job-script-prologue", None) or [])
     prologue += [f"export {k}={v}" for k, v in WORKER_ENV.items()]
-    return cls(**{"job_script_prologue": prologue, **kwargs})
+    options = kwargs.pop("scheduler_options", None)
+    if options is None:
+        options = dask.config.get(f"jobqueue.{kind}.scheduler-options", None)
+    options = dict(options or {})
+    if dashboard_address is None:
+        dashboard_address = resolve_dashboard_address()
+    else:
+        _check_dashboard_address(dashboard_address, "dashboard_address")
+    if dashboard_address is not None:
+        options["dashboard_address"] = dashboard_address
+    options.setdefault("dashboard_address", DEFAULT_DASHBOARD_ADDRESS)
+    return cls(**{"job_script_prologue": prologue, "scheduler_options": options, **kwargs})
 
 
 @contextlib.contextmanager
@@ -147,6 +218,7 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     from distributed import Client, LocalCluster
 
     config = config or RuntimeConfig()
+    dashboard = resolve_dashboard_address(config)
     if config.scheduler:
         target = config.scheduler
         kw = {"scheduler_file": target} if target.endswith(".json") else {"address": target}
@@ -168,7 +240,7 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
             client.close()
         return
     if config.cluster in ("slurm", "pbs"):
-        cluster = jobqueue_cluster(config.cluster)
+        cluster = jobqueue_cluster(config.cluster, dashboard_address=dashboard)
         adapt = dask.config.get("deqntk.adapt", None)
         if config.workers is None and adapt:
             cluster.adapt(**{k.replace("-", "_"): v for k, v in adapt.items()})
@@ -190,7 +262,7 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
                 processes=True,
                 memory_limit=config.memory_limit if config.memory_limit is not None else "auto",
                 env=dict(WORKER_ENV),
-                dashboard_address=":0",
+                dashboard_address=dashboard or DEFAULT_DASHBOARD_ADDRESS,
                 silence_logs=logging.ERROR,
             )
     try:

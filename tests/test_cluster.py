@@ -328,6 +328,74 @@ def test_static_cluster_scripts(data, tmp_path):
     assert "stopped scheduler" in stopped and "stopped worker" in stopped
 
 
+def _tree_listeners(pid_files) -> set[tuple[str, int]]:
+    """(ip, port) of the listening inet sockets of the processes in ``pid_files`` and their
+    descendants (nannies and worker processes)."""
+    import psutil
+
+    found = set()
+    for f in pid_files:
+        root = psutil.Process(int(Path(f).read_text()))
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                conns = proc.net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                continue
+            found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def test_static_scripts_listen_on_loopback_by_default(tmp_path):
+    """start-scheduler.sh's default dashboard and start-workers.sh's worker HTTP servers listen
+    on 127.0.0.1 (the kernel's socket table); DEQNTK_DASHBOARD_ADDRESS moves the dashboard."""
+    static = ROOT / "cluster" / "static"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["DEQNTK_WORKER_HOST"] = "127.0.0.1"
+    env.pop("DEQNTK_DASHBOARD_ADDRESS", None)
+    env.pop("DEQNTK_WORKER_DASHBOARD_ADDRESS", None)
+
+    def sh(*args: str, extra: dict | None = None) -> str:
+        res = subprocess.run(
+            ["bash", *args],
+            env={**env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    run_dir, moved_dir = tmp_path / "run", tmp_path / "moved"
+    try:
+        out = sh(str(static / "start-scheduler.sh"), "--port", "0", "--run-dir", str(run_dir))
+        sh(
+            str(static / "start-workers.sh"),
+            *("--nworkers", "1", "--memory-limit", "1GiB", "--run-dir", str(run_dir)),
+            *("--scratch", str(tmp_path / "scratch")),
+        )
+        from distributed import Client
+
+        with Client(scheduler_file=str(run_dir / "scheduler.json"), timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+            port = client.scheduler_info()["services"]["dashboard"]
+        found = _tree_listeners(sorted(run_dir.glob("*.pid")))
+        assert {ip for ip, _ in found} == {"127.0.0.1"}, found
+        # scheduler comm + dashboard, nanny comm, worker comm + worker HTTP server
+        assert ("127.0.0.1", port) in found and len(found) >= 5, found
+        assert f"dashboard http://127.0.0.1:{port}/status" in out, out
+        out = sh(
+            str(static / "start-scheduler.sh"),
+            *("--port", "0", "--run-dir", str(moved_dir)),
+            extra={"DEQNTK_DASHBOARD_ADDRESS": "127.0.0.2:0"},
+        )
+        port = int(re.search(r"dashboard http://127\.0\.0\.2:(\d+)/status", out).group(1))
+        assert ("127.0.0.2", port) in _tree_listeners([moved_dir / "scheduler.pid"])
+    finally:
+        for d in (run_dir, moved_dir):
+            if (d / "scheduler.pid").exists():
+                sh(str(static / "stop.sh"), "--run-dir", str(d))
+
+
 JOBQUEUE_PROBE = """
 import json, dask
 from deqntk_dist.runtime import jobqueue_cluster

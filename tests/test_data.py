@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import re
 import struct
 import tarfile
 from dataclasses import replace
@@ -263,6 +264,237 @@ def test_cifar_corrupt_tar(tmp_path):
         load_cifar10(tgz)
 
 
+# ------------------------------------------------------------------------ hostile files
+def _fuzz_script():
+    """scripts/fuzz_readers.py as a module: its streamed bomb writers (a 1 GiB gzip bomb is a
+    ~1 MB file written in well under a second, never 1 GiB in memory)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_readers.py"
+    spec = importlib.util.spec_from_file_location("fuzz_readers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PEAK_PROBE = """
+import json, resource, sys
+from deqntk_dist import data
+from deqntk_dist.errors import DeqntkError
+out = {"base": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "cases": []}
+for reader, path in json.loads(sys.argv[1]):
+    try:
+        res = getattr(data, reader)(path)
+        outcome = "result " + str(getattr(res, "shape", getattr(getattr(res, "x_train", 0),
+                                                                 "shape", "")))
+    except DeqntkError as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:
+        outcome = f"UNCLEAN {type(exc).__name__}: {exc}"
+    out["cases"].append(outcome)
+out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps(out))
+"""
+
+
+def _run_readers(cases: list[tuple[str, Path]]) -> tuple[list[str], float]:
+    """Run reader functions on files in a fresh interpreter; outcomes and peak RSS growth (MiB)
+    over the interpreter with deqntk_dist imported (the kernel's own count: ru_maxrss)."""
+    import json
+    import subprocess
+    import sys
+
+    arg = json.dumps([(reader, str(path)) for reader, path in cases])
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, arg], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    return out["cases"], out["peak"] - out["base"]
+
+
+GIB_MIB = 1024  # bombs inflate to 1 GiB
+
+
+def test_idx_inflation_bombs_and_header_overflow_are_refused_in_bounded_memory(tmp_path):
+    """A 1 MB .gz IDX file that inflates to 1 GiB used to reach 1.2-2.3 GB RSS before being
+    refused; dims (2**31, 2**31, 4) wrapped around int64 and 255 dims gave tracebacks."""
+    fz = _fuzz_script()
+
+    def header(dims, code=0x08):
+        return bytes([0, 0, code, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+
+    cases = []
+    for name, dims in [
+        ("small", (10, 28, 28)),
+        ("huge", (2**31, 2**31, 4)),
+        ("double", (2 * GIB_MIB, 1024, 1024)),
+    ]:
+        p = tmp_path / f"{name}-idx3-ubyte.gz"
+        with open(p, "wb") as f:
+            fz.write_gzip_bomb(f, header(dims), GIB_MIB)
+        assert p.stat().st_size < 2 * 2**20
+        cases.append(("read_idx", p))
+    for name, raw in [
+        ("wrap", header((2**31, 2**31, 4)) + bytes(64)),
+        ("ndim255", header((1,) * 255) + bytes(1)),
+        ("ndim33", header((1,) * 33) + bytes(1)),
+    ]:
+        (tmp_path / name).write_bytes(raw)
+        cases.append(("read_idx", tmp_path / name))
+    outcomes, grew = _run_readers(cases)
+    assert "longer than its header says: header shape (10, 28, 28) needs 7840" in outcomes[0]
+    assert (
+        "declares 18446744073709551616 bytes of data, more than this machine's memory"
+        in (outcomes[1])
+    )
+    want = "is truncated: header shape (2048, 1024, 1024) needs 2147483648 data bytes, found"
+    assert f"{want} {GIB_MIB * 2**20}" in outcomes[2], outcomes[2]
+    assert "declares 18446744073709551616 bytes" in outcomes[3]
+    assert "declares 255 dimensions; at most 32" in outcomes[4]
+    assert "declares 33 dimensions; at most 32" in outcomes[5]
+    assert all(o.startswith("DatasetError: ") for o in outcomes), outcomes
+    assert grew < 64, (grew, outcomes)
+
+
+def test_cifar_inflation_bombs_and_array_gadgets_are_refused_in_bounded_memory(tmp_path):
+    """A 2.2 MB tar.gz whose batch member inflates to 1 GiB (or whose first member does), a
+    1 GiB batch file, and a 400 KB batch that constructs numpy.ndarray((200000, 3072))
+    (which used to become 200,000 all-zero images with exit 0) are refused, in bounded
+    memory, and the gadget's array is never allocated."""
+    fz = _fuzz_script()
+    rng = np.random.default_rng(41)
+    good = {n: pickle.dumps(cifar_batch(rng, 3), protocol=2) for n in fz.CIFAR_NAMES}
+    rest = fz._tar([(fz._info(f"cifar-10-batches-py/{n}", len(b)), b) for n, b in good.items()])
+    cases = []
+    for name in ("data_batch_1", "readme.html"):
+        head = fz._info(f"cifar-10-batches-py/{name}", GIB_MIB * 2**20).tobuf(
+            format=tarfile.GNU_FORMAT
+        )
+        p = tmp_path / f"bomb-{name}.tar.gz"
+        with open(p, "wb") as f:
+            fz.write_gzip_bomb(f, head, GIB_MIB, rest)
+        assert p.stat().st_size < 3 * 2**20
+        cases.append(("load_cifar10", p))
+    sparse = tmp_path / "sparse"
+    write_cifar_dir(sparse, rng)
+    with open(sparse / "data_batch_2", "r+b") as f:
+        f.truncate(GIB_MIB * 2**20)
+    cases.append(("load_cifar10", sparse))
+    gadget = tmp_path / "gadget"
+    write_cifar_dir(gadget, rng)
+    raw = fz.gadgets(tmp_path / "SENTINEL", 3)["numpy.ndarray((200000, 3072))"]
+    assert 350_000 < len(raw) < 450_000
+    (gadget / "data_batch_1").write_bytes(raw)
+    cases.append(("load_cifar10", gadget))
+    outcomes, grew = _run_readers(cases)
+    limit = data._CIFAR_BATCH_MAX_BYTES
+    assert (
+        f"member 'cifar-10-batches-py/data_batch_1' is 1073741824 bytes, more than a "
+        f"CIFAR-10 batch can hold ({limit})" in outcomes[0]
+    ), outcomes[0]
+    assert f"holds more than {data._CIFAR_TAR_MAX_BYTES} bytes of tar data" in outcomes[1]
+    assert (
+        f"data_batch_2' is 1073741824 bytes, more than the format can hold ({limit})"
+        in (outcomes[2])
+    )
+    assert "global numpy.ndarray is not allowed" in outcomes[3] or ("calling a" in outcomes[3]), (
+        outcomes[3]
+    )
+    assert all(o.startswith("DatasetError: ") for o in outcomes), outcomes
+    assert grew < 100, (grew, outcomes)
+
+
+def test_cifar_unpickler_builds_arrays_itself(tmp_path):
+    """Gadgets never run (no sentinel file), stated shapes must match the bytes exactly, and
+    the real layouts (protocols 0-5, Python 2 names) still read the same images."""
+    fz = _fuzz_script()
+    rng = np.random.default_rng(42)
+    sentinel = tmp_path / "SENTINEL"
+    for name, raw in fz.gadgets(sentinel, 3).items():
+        d = tmp_path / name.replace(" ", "_").replace("/", "_")
+        write_cifar_dir(d, rng)
+        (d / "test_batch").write_bytes(raw)
+        with pytest.raises(DatasetError, match="test_batch") as exc:
+            load_cifar10(d)
+        assert "Traceback" not in str(exc.value) and not sentinel.exists(), name
+    for protocol in range(6):
+        d = tmp_path / f"p{protocol}"
+        batches = write_cifar_dir(d, rng)
+        for n, b in batches.items():
+            (d / n).write_bytes(pickle.dumps(b, protocol=protocol))
+        check_cifar(load_cifar10(d), batches)
+
+
+def test_npz_bombs_and_header_overflow_are_refused_in_bounded_memory(tmp_path):
+    """Any extra member of an npz used to be read whole (a 1 MB deflated member inflates to
+    1 GiB); a .npy header whose shape overflows int64 or exceeds memory gave MemoryError
+    tracebacks.  Only the named arrays are read, each checked against its member's size."""
+    fz = _fuzz_script()
+    rng = np.random.default_rng(43)
+    x, y = rng.normal(size=(10, 4)), rng.integers(0, 3, 10)
+    arrays = [("x.npy", fz.npy_bytes(x)), ("y.npy", fz.npy_bytes(y))]
+    fz.write_zip(tmp_path / "junk.npz", [*arrays, ("junk", (b"", GIB_MIB))])
+    fz.write_zip(tmp_path / "tail.npz", [("x.npy", (fz.npy_bytes(x), GIB_MIB)), arrays[1]])
+    huge = "{'descr': '<f8', 'fortran_order': False, 'shape': (2147483648, 2147483648, 4), }"
+    fz.write_zip(tmp_path / "wrap.npz", [("x.npy", fz.npy_bytes(x, huge)), arrays[1]])
+    big = "{'descr': '<f8', 'fortran_order': False, 'shape': (1099511627776,), }"
+    fz.write_zip(tmp_path / "big.npz", [("x.npy", fz.npy_bytes(x, big)), arrays[1]])
+    d = tmp_path / "npy"
+    d.mkdir()
+    (d / "x.npy").write_bytes(fz.npy_bytes(x, big))
+    (d / "y.npy").write_bytes(fz.npy_bytes(y))
+    names = ["junk.npz", "tail.npz", "wrap.npz", "big.npz"]
+    outcomes, grew = _run_readers([("load_npz", tmp_path / n) for n in names] + [("load_npz", d)])
+    assert outcomes[0] == "result (10, 4)", outcomes[0]
+    assert (
+        "member 'x.npy' is corrupt or not a numpy file: its header declares shape (10, 4)"
+        in (outcomes[1])
+    )
+    for o in outcomes[2:]:
+        assert o.startswith("DatasetError: ") and "its header declares shape (" in o, o
+    assert grew < 64, (grew, outcomes)
+    fz.write_zip(tmp_path / "many.npz", arrays + [(f"e{i}", b"") for i in range(1500)])
+    with pytest.raises(DatasetError, match="lists 1502 entries, more than an npz holds"):
+        load_npz(tmp_path / "many.npz")
+
+
+def test_fuzz_readers_smoke():
+    """A handful of seeded fuzz cases per reader (scripts/fuzz_readers.py): every one ends in
+    a dataset or a DeqntkError, in bounded memory, and the script reports its figures."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_readers.py"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--cases",
+            "6",
+            "--seed",
+            "7",
+            "--bomb-mib",
+            "64",
+            "--max-case-mib",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["failures"] == 0
+    for reader in ("idx", "cifar", "npz"):
+        st = summary["stats"][reader]
+        assert st["cases"] == 6 == st["result"] + st["error"], st
+    assert re.search(
+        r"peak RSS: this process [\d.]+ MiB, children \(workers\) [\d.]+ MiB", res.stdout
+    )
+
+
 # ---------------------------------------------------------------------------------------- npz
 def test_npz_variants(tmp_path):
     rng = np.random.default_rng(8)
@@ -312,6 +544,34 @@ def test_npz_errors(tmp_path):
         load_npz(tmp_path / "trunc.npz")
     with pytest.raises(DatasetError, match="does not exist"):
         load_npz(tmp_path / "missing.npz")
+
+
+def test_reader_labels_outside_class_range(tmp_path):
+    """npz, IDX and CIFAR labels beyond the class bound are refused naming file, row, label."""
+    rng = np.random.default_rng(31)
+    x, y = rng.normal(size=(10, 4)), rng.integers(0, 3, 10)
+    big = y.copy()
+    big[6] = 10**9
+    np.savez(tmp_path / "big.npz", x_train=x, y_train=y, x_test=x, y_test=big)
+    with pytest.raises(DatasetError, match=r"'y_test' must be .*< 10000: row 6 holds label 10+"):
+        load_npz(tmp_path / "big.npz")
+    np.savez(tmp_path / "float.npz", x=x, y=np.where(np.arange(10) == 2, 1e300, y * 1.0))
+    with pytest.raises(DatasetError, match=r"row 2 holds label 1e\+300"):
+        load_npz(tmp_path / "float.npz")
+    d = tmp_path / "idx"
+    write_idx_dir(d, rng)
+    labels = np.zeros(12, np.int64)
+    labels[4] = 2**31 - 1
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels, 0x0C)))
+    with pytest.raises(DatasetError, match=r"train-labels.*row 4 holds label 2147483647"):
+        load_idx_dataset(d)
+    c = tmp_path / "c"
+    write_cifar_dir(c, rng)
+    bad = cifar_batch(rng, 4)
+    bad[b"labels"][3] = 10
+    (c / "data_batch_2").write_bytes(pickle.dumps(bad, protocol=2))
+    with pytest.raises(DatasetError, match=r"data_batch_2.*< 10: row 3 holds label 10"):
+        load_cifar10(c)
 
 
 def test_unknown_dataset_and_missing_source(tmp_path, monkeypatch):
@@ -406,6 +666,56 @@ def test_zca_images_keep_shape_and_rank_deficient():
     np.testing.assert_allclose(np.linalg.norm(z.reshape(5, -1), axis=1), np.sqrt(48))
     with pytest.raises(DatasetError, match="use zca_strength > 0"):
         fit_preprocessing(PreprocessConfig(steps=("zca",), zca_strength=0.0), imgs)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 2.0**1000])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        ("unit-norm",),
+        ("center", "unit-norm"),
+        ("standardize", "unit-norm"),
+        ("zca", "unit-norm"),
+        ("standardize", "zca", "unit-norm"),
+    ],
+)
+def test_preprocessing_of_extreme_magnitudes_is_scale_invariant(scale, steps):
+    """Entries near 1e200 (squares overflow) or 1e-200 (squares underflow) used to give
+    all-zero rows; the steps are scale invariant, so the result must equal the one on the
+    same data at ordinary magnitude (computed independently by plain numpy)."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(40, 6)) + 0.5
+    config = PreprocessConfig(steps=steps, zca_strength=0.1)
+    if steps[0] == "zca" and scale > 1:  # covariance ~1e400: not representable, refused
+        with pytest.raises(DatasetError, match="'zca': the training covariance overflows"):
+            fit_preprocessing(config, x * scale)
+        return
+    big = fit_preprocessing(config, x * scale)
+    got = big.transform(x * scale)
+    np.testing.assert_allclose(got, fit_preprocessing(config, x).transform(x), rtol=1e-12)
+    if steps == ("center", "unit-norm"):  # independent route, no deqntk code
+        z = x - x.mean(0)
+        np.testing.assert_allclose(
+            got, z * np.sqrt(6) / np.linalg.norm(z, axis=1)[:, None], rtol=1e-12
+        )
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.sqrt(6), rtol=1e-13)
+
+
+def test_preprocessing_overflow_is_refused():
+    """A step whose result is not representable raises DatasetError naming step and row."""
+    x = np.array([[1.7e308, 1.0], [-1.7e308, 2.0], [-1.7e308, 3.0]])
+    with pytest.raises(DatasetError, match="step 'center' overflows float64.*row 0"):
+        fit_preprocessing(PreprocessConfig(steps=("center", "unit-norm")), x)
+    fitted = fit_preprocessing(PreprocessConfig(steps=("center", "unit-norm")), x[1:])
+    test = np.array([[1.0, 1.0], [1.7e308, 1.0]])
+    with pytest.raises(DatasetError, match="step 'center' overflows float64.*row 11"):
+        fitted.transform(test, first_row=10)
+    rng = np.random.default_rng(22)
+    with pytest.raises(DatasetError, match="'zca': the training covariance overflows"):
+        fit_preprocessing(PreprocessConfig(steps=("zca",)), rng.normal(size=(20, 3)) * 1e200)
+    tiny = fit_preprocessing(PreprocessConfig(steps=("standardize",)), np.array([[0.0], [1e-11]]))
+    with pytest.raises(DatasetError, match="step 'standardize' overflows float64.*row 0"):
+        tiny.transform(np.array([[1.7e308]]))
 
 
 # --------------------------------------------------------------------------------- subsetting

@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from deqntk_dist import open_dataset_store, write_dataset_store
-from deqntk_dist.dataset import dataset_store_from_file
+from deqntk_dist.dataset import MAX_CLASSES, dataset_store_from_file
 from deqntk_dist.errors import DatasetError, StoreError
 
 
@@ -85,6 +85,23 @@ def test_bad_arrays(tmp_path, rng, change, word):
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.parametrize(
+    "label, shown", [(10**9, "1000000000"), (-3, "-3"), (1e300, r"1e\+300"), (10_000, "10000")]
+)
+def test_labels_outside_class_range_are_refused(tmp_path, rng, label, shown):
+    """One label of 10**9 used to pass prepare and compute, then the regression asked for a
+    2.18 TiB one-hot matrix: labels must lie in [0, MAX_CLASSES), the bad row is named."""
+    x, y = _data(rng)
+    y = y.astype(np.float64 if isinstance(label, float) else np.int64)
+    y[17] = label
+    with pytest.raises(DatasetError, match=rf"< {MAX_CLASSES}: row 17 holds label {shown}\b"):
+        write_dataset_store(tmp_path / "ds", x, y, n_train=10, name="bad")
+    assert not (tmp_path / "ds").exists()
+    y[17] = MAX_CLASSES - 1
+    ds = write_dataset_store(tmp_path / "ds", x, y, n_train=10, name="ok")
+    assert ds.y[17] == MAX_CLASSES - 1 == 9999
+
+
 @pytest.mark.parametrize("n_train", [0, 38, 2.0])
 def test_bad_n_train(tmp_path, rng, n_train):
     x, y = _data(rng)
@@ -115,3 +132,31 @@ def test_from_npz(tmp_path, rng):
         dataset_store_from_file(tmp_path / "bad.npz", tmp_path / "ds2")
     with pytest.raises(DatasetError, match="not found"):
         dataset_store_from_file(tmp_path / "none.npz", tmp_path / "ds3")
+
+
+def _crafted_npy(a: np.ndarray, shape: str) -> bytes:
+    """``.npy`` bytes of ``a`` whose header claims another shape (hand-written header)."""
+    text = f"{{'descr': '{a.dtype.str}', 'fortran_order': False, 'shape': {shape}, }}"
+    text += " " * ((-(10 + len(text) + 1)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + a.tobytes()
+
+
+@pytest.mark.parametrize("shape", ["(1099511627776,)", "(2147483648, 2147483648, 4)"])
+def test_from_file_refuses_headers_that_lie(tmp_path, rng, shape):
+    """A header claiming 8 TiB (numpy: MemoryError traceback) or a shape whose product wraps
+    int64 is refused from the header, before any array is allocated."""
+    import zipfile
+
+    x, y = _data(rng)
+    with zipfile.ZipFile(tmp_path / "lie.npz", "w") as zf:
+        zf.writestr("x.npy", _crafted_npy(x, shape))
+        zf.writestr("y.npy", _crafted_npy(y, f"({y.size},)"))
+    with pytest.raises(DatasetError, match=r"member 'x.npy' is corrupt .*declares shape"):
+        dataset_store_from_file(tmp_path / "lie.npz", tmp_path / "ds")
+    (tmp_path / "lie.npy").write_bytes(_crafted_npy(x, shape))
+    with pytest.raises(DatasetError, match=r"lie.npy' is corrupt .*declares shape"):
+        dataset_store_from_file(tmp_path / "lie.npy", tmp_path / "ds")
+    np.savez(tmp_path / "nt.npz", x=x, y=y, n_train=np.arange(3))
+    with pytest.raises(DatasetError, match="n_train must be an integer scalar"):
+        dataset_store_from_file(tmp_path / "nt.npz", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +17,7 @@ import pytest
 from deqntk_dist import DEQSpec, kernel_matrix, open_kernel_store
 from deqntk_dist.cli import main
 from deqntk_dist.dataset import open_dataset_store
-from deqntk_dist.errors import InputError, StoreMismatchError
+from deqntk_dist.errors import DatasetError, DatasetWarning, InputError, StoreMismatchError
 from deqntk_dist.pipeline import PrepareRequest, prepare_dataset
 from deqntk_dist.preprocess import PreprocessConfig
 from deqntk_dist.results import read_results
@@ -71,6 +76,68 @@ def test_prepare_fits_on_train_rows_only(tmp_path, npz_source):
     np.testing.assert_allclose(a.rows(0, 100), (x[:100] - mu) / sd, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a.rows(100, 150), (x[100:] - mu) / sd, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(a.y, y)
+
+
+def test_prepare_huge_magnitudes_equal_scaled_down_data(tmp_path, npz_source):
+    """float64 inputs near 1e200 used to become an all-zero store with exit 0 (the norms of
+    center,unit-norm overflowed): the store must equal the one of the data scaled down."""
+    _, x, y = npz_source
+    stores = {}
+    for scale in (1.0, 1e200):
+        src = tmp_path / f"x{scale:g}.npz"
+        np.savez(
+            src, x_train=x[:100] * scale, y_train=y[:100], x_test=x[100:] * scale, y_test=y[100:]
+        )
+        req = PrepareRequest(dataset="npz", source=src, n_train=60, n_test=30)
+        stores[scale] = prepare_dataset(tmp_path / f"ds{scale:g}.zarr", req).store
+    a, b = (stores[s].rows(0, 90) for s in (1.0, 1e200))
+    assert np.all(np.isfinite(b)) and np.all(np.linalg.norm(b, axis=1) > 3)
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    # not representable: refused, and nothing is written
+    bad = x.copy()
+    bad[:100, 0], bad[100:, 0] = -1.7e308, 1.7e308  # test rows overflow once centred
+    src = tmp_path / "bad.npz"
+    np.savez(src, x_train=bad[:100], y_train=y[:100], x_test=bad[100:], y_test=y[100:])
+    req = PrepareRequest(dataset="npz", source=src, n_train=60, n_test=30)
+    with pytest.raises(DatasetError, match="step 'center' overflows float64 .*in row 60:"):
+        prepare_dataset(tmp_path / "bad.zarr", req)
+    assert sorted(p.name for p in tmp_path.iterdir() if "bad" in p.name) == ["bad.npz"]
+
+
+def test_prepare_warns_about_test_classes_absent_from_training(tmp_path, npz_source):
+    """Test rows of a class no training row has can never be predicted (accuracy 0 on them,
+    silently): prepare warns, on a fresh store and on a reused one, and the CLI shows it."""
+    _, x, y = npz_source
+    y_test = y[100:].copy()
+    y_test[:7] = 5  # a class absent from the training rows (labels 0..2)
+    src = tmp_path / "unseen.npz"
+    np.savez(src, x_train=x[:100], y_train=y[:100], x_test=x[100:], y_test=y_test)
+    req = PrepareRequest(dataset="npz", source=src)
+    msg = r"test class\(es\) 5 \(7 of 50 test rows\) never occur in the training rows"
+    with pytest.warns(DatasetWarning, match=msg):
+        prepare_dataset(tmp_path / "ds.zarr", req)
+    with pytest.warns(DatasetWarning, match=msg):
+        assert prepare_dataset(tmp_path / "ds.zarr", req).reused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when every test class is trained on
+        prepare_dataset(tmp_path / "ok.zarr", PrepareRequest(dataset="npz", source=npz_source[0]))
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deqntk"),
+            "prepare",
+            "--dataset",
+            "npz",
+            "--source",
+            str(src),
+            "--out",
+            str(tmp_path / "cli.zarr"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "DatasetWarning" in res.stderr and re.search(msg, res.stderr), res.stderr
 
 
 def test_prepare_reuse_mismatch_overwrite(tmp_path, npz_source):

@@ -7,11 +7,14 @@
 # Writes DIR/scheduler.json (pass it to start-workers.sh and `deqntk compute --scheduler`),
 # DIR/scheduler.pid and DIR/scheduler.log; prints the scheduler and dashboard addresses.
 # Defaults: --host 127.0.0.1 (use the node's address or --host 0.0.0.0 for other nodes),
-# --port 8786 (0 = any free port), --dashboard :8787, --run-dir ./deqntk-cluster.
+# --port 8786 (0 = any free port), --dashboard 127.0.0.1:8787 ($DEQNTK_DASHBOARD_ADDRESS),
+# --run-dir ./deqntk-cluster.  The dashboard is an unauthenticated HTTP server: it listens on
+# this node only unless asked (e.g. --dashboard 0.0.0.0:8787 or :8787 for every interface;
+# otherwise reach it through `ssh -L 8787:127.0.0.1:8787 NODE`).
 set -euo pipefail
 host="${DEQNTK_SCHEDULER_HOST:-127.0.0.1}"
 port=8786
-dashboard=":8787"
+dashboard="${DEQNTK_DASHBOARD_ADDRESS:-127.0.0.1:8787}"
 run_dir="${DEQNTK_RUN_DIR:-$PWD/deqntk-cluster}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -30,10 +33,15 @@ nohup setsid dask scheduler --host "$host" --port "$port" --dashboard-address "$
     >"$run_dir/scheduler.log" 2>&1 </dev/null &
 for _ in $(seq 120); do
     if [[ -s "$run_dir/scheduler.json" ]]; then
-        "${PYTHON:-python3}" - "$run_dir/scheduler.json" <<'PY'
+        "${PYTHON:-python3}" - "$run_dir/scheduler.json" "$dashboard" <<'PY'
 import json, sys
 info = json.load(open(sys.argv[1]))
-print(f"scheduler {info['address']}  dashboard port {info.get('services', {}).get('dashboard')}")
+port = info.get("services", {}).get("dashboard")
+host = sys.argv[2].rpartition(":")[0].strip("[]")
+where = "" if host not in ("", "0.0.0.0", "::") else " (listening on every interface)"
+host = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+host = f"[{host}]" if ":" in host else host
+print(f"scheduler {info['address']}  dashboard http://{host}:{port}/status{where}")
 PY
         echo "scheduler file $run_dir/scheduler.json"
         exit 0

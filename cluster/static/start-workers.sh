@@ -9,7 +9,9 @@
 # process (default "auto" = node memory / N); deqntk sizes tiles from it.  DIR is node-local
 # scratch for worker files (default $TMPDIR or /tmp) -- not the kernel store.  Run it on every
 # node (ssh, pdsh, srun); without --foreground it detaches and writes a pid file in the run
-# directory (stop.sh stops it).
+# directory (stop.sh stops it).  Each worker's diagnostics HTTP server listens on 127.0.0.1
+# (a free port) unless DEQNTK_WORKER_DASHBOARD_ADDRESS says otherwise (e.g. ":0" for every
+# interface); DEQNTK_WORKER_HOST sets the address the workers themselves listen on.
 set -euo pipefail
 nworkers="$(nproc)"
 memory="auto"
@@ -42,7 +44,7 @@ local_dir="$scratch/deqntk-worker-$name"
 mkdir -p "$local_dir" "$run_dir"
 cmd=(dask worker --scheduler-file "$scheduler_file" --nworkers "$nworkers" --nthreads 1
      --memory-limit "$memory" --local-directory "$local_dir" --death-timeout 300
-     --name "$name")
+     --dashboard-address "${DEQNTK_WORKER_DASHBOARD_ADDRESS:-127.0.0.1:0}" --name "$name")
 if [[ -n "${DEQNTK_WORKER_HOST:-}" ]]; then
     cmd+=(--host "$DEQNTK_WORKER_HOST")
 fi
