@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from .errors import DeqntkError
+from .errors import DatasetWarning, DeqntkError
 from .spec import READOUTS
 
 __all__ = ["main", "build_parser"]
@@ -111,6 +112,12 @@ DEFAULT_HYPERPARAMETERS = {
 def _add_store_arguments(p: argparse.ArgumentParser) -> None:
     """Kernel-store and runtime options shared by ``compute`` and ``run``."""
     p.add_argument(
+        "--dashboard-address",
+        default=None,
+        help="where the LocalCluster / batch scheduler dashboard listens (default "
+        "127.0.0.1:0, i.e. this machine only; e.g. 0.0.0.0:8787 for every interface)",
+    )
+    p.add_argument(
         "--what",
         type=_parse_what,
         default=None,
@@ -210,6 +217,13 @@ def _add_compute(sub) -> None:
         help="tiles submitted at once (default 2 x worker threads)",
     )
     p.add_argument("--retries", type=int, default=2, help="dask retries per tile (default 2)")
+    _add_resume_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_cmd_compute)
+
+
+def _add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    """How much of a store to compute, and what to do with tiles of another identity."""
     p.add_argument(
         "--max-tiles",
         type=int,
@@ -222,8 +236,6 @@ def _add_compute(sub) -> None:
         help="recompute finished tiles computed under another identity than the store's "
         "attrs claim (edited attrs) instead of refusing the store",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(func=_cmd_compute)
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
@@ -231,7 +243,12 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     from .runtime import RuntimeConfig
 
     spec = spec_from_args(args)
-    runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
+    runtime = RuntimeConfig(
+        scheduler=args.scheduler,
+        cluster=args.cluster,
+        workers=args.workers,
+        dashboard_address=args.dashboard_address,
+    )
     report = compute_kernel_store(
         args.dataset_store,
         args.kernel_store,
@@ -529,6 +546,7 @@ def _add_run(sub) -> None:
         help="regression solver route (default auto: by memory)",
     )
     _add_store_arguments(p)
+    _add_resume_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_run)
@@ -548,7 +566,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     lambdas = _float_list("--lambdas", args.lambdas)
     spec = spec_from_args(args)
     request = _request_from_args(args, "image" if args.kernel == "cdeq" or args.hflip else "flat")
-    runtime = RuntimeConfig(scheduler=args.scheduler, cluster=args.cluster, workers=args.workers)
+    runtime = RuntimeConfig(
+        scheduler=args.scheduler,
+        cluster=args.cluster,
+        workers=args.workers,
+        dashboard_address=args.dashboard_address,
+    )
     report = run_pipeline(
         args.workdir,
         request,
@@ -562,6 +585,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         options=options_from_args(args),
         runtime=runtime,
         memory_budget=args.memory_budget,
+        max_tiles=args.max_tiles,
+        recompute_mismatched=args.recompute_mismatched,
         overwrite=args.overwrite,
         install=not args.no_install,
         progress=not args.no_progress,
@@ -595,6 +620,25 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for a clear user error)."""
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args.command)
+        return _dispatch(args)
+
+
+def _one_line_warning(command: str):
+    """Print the package's warnings as ``deqntk CMD: warning: ...`` (others as usual)."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DatasetWarning):
+            print(f"deqntk {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except DeqntkError as exc:

@@ -354,6 +354,8 @@ def run_pipeline(
     runtime=None,
     client=None,
     memory_budget: int | None = None,
+    max_tiles: int | None = None,
+    recompute_mismatched: bool = False,
     overwrite: bool = False,
     install: bool = True,
     progress: bool = True,
@@ -379,8 +381,9 @@ def run_pipeline(
         chosen on a validation split of the training rows (one value: used as given).
     solve_method : {"auto", "cholesky", "cg"}
         Route of :func:`deqntk_dist.solve.solve_store`.
-    tile, dtype, options, runtime, client, memory_budget
-        Passed to :func:`deqntk_dist.compute.compute_kernel_store`.
+    tile, dtype, options, runtime, client, memory_budget, max_tiles, recompute_mismatched
+        Passed to :func:`deqntk_dist.compute.compute_kernel_store` (with ``max_tiles`` an
+        unfinished store ends the run after the compute stage, with a report saying so).
     overwrite : bool
         Replace stored stages made with other parameters (and everything downstream).
     install : bool
@@ -469,6 +472,8 @@ def run_pipeline(
             client=client,
             runtime=runtime,
             memory_budget=memory_budget,
+            max_tiles=max_tiles,
+            recompute_mismatched=recompute_mismatched,
             progress=progress,
             log=say,
         )
@@ -492,7 +497,12 @@ def run_pipeline(
     params = _solve_params(solve_kernel, lambdas, solve_method)
     identity = {"spec": spec.to_dict(), "dataset_fingerprint": ds.fingerprint, **params}
     solve = None
-    if paths["solve_report"].exists():
+    missing = len(ks.missing_tiles())
+    if missing:  # --max-tiles stopped the compute stage: nothing to solve yet
+        say(f"deqntk run: {missing} tiles left in {paths['kernel_store']}; rerun to finish")
+        solve = {"identity": identity, "result": {}}
+        stages["solve"] = {"seconds": 0.0, "reused": False, "skipped": "kernel store incomplete"}
+    if solve is None and paths["solve_report"].exists():
         try:
             old = json.loads(paths["solve_report"].read_text())
         except (OSError, ValueError):
@@ -520,6 +530,7 @@ def run_pipeline(
         "accuracy": result.get("accuracy"),
         "lambda": result.get("ridge"),
         "solve_method": result.get("method"),
+        "tiles_left": missing,
         "stages": stages,
         "total_seconds": round(time.perf_counter() - t_start, 3),
         "paths": {k: str(v) for k, v in paths.items()},
@@ -549,17 +560,20 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for name, st in report["stages"].items():
         what = "reused" if st.get("reused") else f"{st['seconds']:.1f} s"
+        if st.get("skipped"):
+            what = f"skipped ({st['skipped']})"
         if name == "compute" and not st.get("reused"):
             rate = st.get("entries_per_second") or 0
             what += f" ({st['tiles_computed']} tiles of {st['tile']}, {rate:.3g} entries/s)"
         lines.append(f"{name + ':':<10} {what}")
     acc = report["accuracy"]
     lam = report.get("lambda")
-    lines.append(
-        f"accuracy:  {acc:.4f}" + (f" (lambda={lam:g})" if lam is not None else "")
-        if acc is not None
-        else "accuracy:  n/a (no test rows)"
-    )
+    if report.get("tiles_left"):
+        lines.append(f"accuracy:  n/a ({report['tiles_left']} tiles left: rerun to finish)")
+    elif acc is None:
+        lines.append("accuracy:  n/a (no test rows)")
+    else:
+        lines.append(f"accuracy:  {acc:.4f}" + (f" (lambda={lam:g})" if lam is not None else ""))
     for key, path in report["paths"].items():
         lines.append(f"{key + ':':<15}{path}")
     lines.append(f"total:     {report['total_seconds']:.1f} s")

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .dataset import MAX_CLASSES
 from .errors import (
     IncompleteStoreError,
     InputError,
@@ -128,6 +129,11 @@ def one_hot_targets(
     k = int(y.max()) + 1 if n_classes is None else int(n_classes)
     if y.size and y.max() >= k:
         raise InputError(f"labels must be < n_classes = {k}, got {y.max()}")
+    if k > MAX_CLASSES:
+        raise InputError(
+            f"labels must be < {MAX_CLASSES} (one-hot targets of {k} classes would not fit; a "
+            f"store written before labels were bounded), got {k - 1}"
+        )
     Y = np.full((y.size, k), off, dtype=np.float64)
     Y[np.arange(y.size), y] = on
     return Y

@@ -137,7 +137,8 @@ def test_prepare_warns_about_test_classes_absent_from_training(tmp_path, npz_sou
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    assert "DatasetWarning" in res.stderr and re.search(msg, res.stderr), res.stderr
+    assert "deqntk prepare: warning: " in res.stderr and re.search(msg, res.stderr), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # one line, no source line
 
 
 def test_prepare_reuse_mismatch_overwrite(tmp_path, npz_source):
@@ -366,3 +367,28 @@ def test_cli_pooling_errors(tmp_path, capsys, npz_source, extra, needle):
     argv = ["run", "--dataset", "npz", "--source", str(src), "--workdir", str(tmp_path / "w")]
     assert main([*argv, *extra]) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.cluster
+def test_run_max_tiles_stops_after_the_compute_stage(tmp_path, capsys, npz_source):
+    src, _, _ = npz_source
+    argv = ["run", "--dataset", "npz", "--source", str(src), "--workdir", str(tmp_path / "w")]
+    argv += ["--tile", "32", "--workers", "1", "--no-progress"]
+    assert main([*argv, "--max-tiles", "2"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    # 150 rows in tiles of 32: a 5 x 5 grid, 15 upper-triangle tiles
+    assert report["tiles_left"] == 15 - 2 and report["accuracy"] is None
+    assert "13 tiles left: rerun to finish" in out
+    assert main(argv) == 0  # the rerun finishes the store and solves
+    report = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert report["tiles_left"] == 0 and 0 <= report["accuracy"] <= 1
+    assert report["stages"]["compute"]["resumed_tiles"] == 2
+
+
+def test_bad_dashboard_address_is_a_one_line_error(tmp_path, capsys, npz_source):
+    src, _, _ = npz_source
+    argv = ["run", "--dataset", "npz", "--source", str(src), "--workdir", str(tmp_path / "w")]
+    assert main([*argv, "--dashboard-address", "no-port-here"]) == 2
+    err = capsys.readouterr().err
+    assert "dashboard_address" in err and len(err.strip().splitlines()) == 1

@@ -500,3 +500,10 @@ def test_cli_verify_prints_notes_and_layout_problems(tmp_path, rng, capsys):
     assert "has shape (2, 2), but the attrs (n = 100, tile = 32) give a 4 x 4 tile grid" in out
     assert main(["solve", ks.path]) == 2
     assert "give a 4 x 4 tile grid" in capsys.readouterr().err
+
+
+def test_more_classes_than_the_dataset_bound_is_an_input_error():
+    from deqntk_dist.solve import one_hot_targets
+
+    with pytest.raises(InputError, match="labels must be < 10000"):
+        one_hot_targets(np.array([0, 3, 20_000]))
