@@ -29,7 +29,13 @@ from . import errors
 from .dataset import DatasetStore, open_dataset_store
 from .errors import DeqntkError, InputError, StoreError
 from .plan import cdeq_pair_seconds, choose_tile, tile_cap
-from .runtime import RuntimeConfig, cluster_summary, dashboard_link, dask_client
+from .runtime import (
+    RuntimeConfig,
+    cluster_health,
+    cluster_summary,
+    dashboard_link,
+    dask_client,
+)
 from .spec import CDEQSpec, DEQSpec
 from .store import (
     KERNEL_NAMES,
@@ -57,6 +63,8 @@ MAX_TILE_BUDGET = 2 * 2**30
 MIN_MEMORY_BUDGET = 2**20
 #: Seconds between checks of tiles leased by another job.
 LEASE_POLL_SECONDS = 1.0
+#: seconds between runtime health checks while the driver waits for a tile (batch queues)
+HEALTH_POLL_SECONDS = 0.05
 
 
 # ------------------------------------------------------------------------ driver side
@@ -198,10 +206,13 @@ def _run_jobs(
     on_failure: Callable[[Any], None] = lambda job: None,
     more_later: Callable[[], bool] = lambda: False,
     poll: float = LEASE_POLL_SECONDS,
+    health: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Submit the jobs ``next_job()`` hands out (None: none now) with at most ``limit`` in
     flight; ``on_result(job, report)`` per success.  While nothing is in flight and
     ``more_later()`` says jobs may still come (tiles leased by another job), poll.
+    ``health()`` (if given) is called while waiting and raises when the runtime gave up
+    (a batch queue whose worker jobs keep failing to start).
 
     Returns the failure reports (submission stops at the first failure; tasks already in
     flight finish, so their work is kept).
@@ -232,6 +243,10 @@ def _run_jobs(
             time.sleep(poll)
             fill()
             continue
+        if health is not None:
+            while not ac.has_ready():
+                health()
+                time.sleep(HEALTH_POLL_SECONDS)
         fut = next(ac)
         job = jobs.pop(fut.key)
         try:
@@ -474,6 +489,7 @@ def compute_kernel_store(
                     retries=retries,
                     token=token,
                     on_result=lambda job, r: None,
+                    health=cluster_health(cl),
                 )
                 if fails:
                     _raise_failures(fails)
@@ -631,6 +647,7 @@ def _compute_tiles(
             on_result=on_result,
             on_failure=lambda job: leases.release(job.i, job.j),
             more_later=source.more_later,
+            health=cluster_health(cl),
         )
     seconds = time.perf_counter() - t0
     bar.close()

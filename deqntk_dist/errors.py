@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "FixedPointError",
     "StoreError",
+    "ClusterError",
     "StoreMismatchError",
     "IncompleteStoreError",
     "DatasetError",
@@ -53,6 +54,20 @@ class FixedPointError(DeqntkError, ArithmeticError):
 
 class StoreError(DeqntkError, RuntimeError):
     """A dataset or kernel store is missing, unreadable or inconsistent."""
+
+
+class ClusterError(DeqntkError, RuntimeError):
+    """The batch system did not provide workers (jobs that ended before their worker started).
+
+    Attributes
+    ----------
+    jobs : list of dict
+        One ``{"job_id", "state", "log"}`` per worker job that failed to start.
+    """
+
+    def __init__(self, message: str, *, jobs=()):
+        super().__init__(message)
+        self.jobs = list(jobs)
 
 
 class StoreMismatchError(StoreError, ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -23,6 +23,7 @@ __all__ = [
     "MALLOC_ENV",
     "RuntimeConfig",
     "WORKER_ENV",
+    "cluster_health",
     "cluster_summary",
     "dashboard_link",
     "dask_client",
@@ -205,6 +206,63 @@ def _worker_timeout() -> float:
     return float(dask.config.get("deqntk.worker-timeout", 600))
 
 
+def _watch_settings() -> tuple[float, int]:
+    """``deqntk.job-check-interval`` (seconds) and ``deqntk.max-failed-starts``, validated."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    raw = dask.config.get("deqntk.job-check-interval", "10s")
+    try:
+        interval = float(parse_timedelta(raw, default="seconds"))
+    except (TypeError, ValueError, KeyError):
+        interval = float("nan")
+    if not interval > 0:
+        raise InputError(
+            "dask config deqntk.job-check-interval must be a positive duration "
+            f"(e.g. '10s'), got {raw!r}"
+        )
+    raw = dask.config.get("deqntk.max-failed-starts", 3)
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit():
+        raw_ok = False
+    else:
+        raw_ok = int(raw) >= 1
+    if not raw_ok:
+        raise InputError(
+            f"dask config deqntk.max-failed-starts must be an integer >= 1, got {raw!r}"
+        )
+    return interval, int(raw)
+
+
+#: health checks of the clients :func:`dask_client` started on batch queues, by id(client)
+_HEALTH: dict[int, Callable[[], None]] = {}
+
+
+def cluster_health(client) -> Callable[[], None] | None:
+    """A callable that raises what went wrong with the runtime of ``client``, or None.
+
+    For batch-queue clusters started by :func:`dask_client` it raises the
+    :class:`~deqntk_dist.errors.ClusterError` of its :class:`~deqntk_dist.batchjobs.JobWatch`
+    once worker jobs keep failing to start; the driver calls it while it waits.
+    """
+    return _HEALTH.get(id(client))
+
+
+def _wait_for_first_worker(client, timeout: float, check: Callable[[], None]) -> None:
+    """Wait up to ``timeout`` s for one worker, calling ``check()`` about every second."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        left = deadline - time.monotonic()
+        try:
+            client.wait_for_workers(1, timeout=max(0.01, min(1.0, left)))
+            return
+        except TimeoutError:
+            if left <= 1.0:
+                raise
+
+
 @contextlib.contextmanager
 def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     """Yield a ``distributed.Client`` for ``config``; close what was started on exit.
@@ -239,10 +297,22 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
         finally:
             client.close()
         return
+    watch = None
     if config.cluster in ("slurm", "pbs"):
+        from .batchjobs import JobWatch
+
+        interval, max_failed = _watch_settings()
         cluster = jobqueue_cluster(config.cluster, dashboard_address=dashboard)
         adapt = dask.config.get("deqntk.adapt", None)
-        if config.workers is None and adapt:
+        adaptive = config.workers is None and bool(adapt)
+        watch = JobWatch(
+            cluster,
+            config.cluster,
+            jobs=None if adaptive else (config.workers or 1),
+            interval=interval,
+            max_failed_starts=max_failed,
+        ).start()
+        if adaptive:
             cluster.adapt(**{k.replace("-", "_"): v for k, v in adapt.items()})
         else:
             cluster.scale(jobs=config.workers or 1)
@@ -267,12 +337,18 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
             )
     try:
         client = Client(cluster)
+        check = watch.check if watch is not None else (lambda: None)
+        if watch is not None:
+            _HEALTH[id(client)] = check
         try:
-            client.wait_for_workers(1, timeout=_worker_timeout())
+            _wait_for_first_worker(client, _worker_timeout(), check)
             yield client
         finally:
+            _HEALTH.pop(id(client), None)
             client.close()
     finally:
+        if watch is not None:
+            watch.close()
         cluster.close()
 
 

@@ -43,7 +43,7 @@ from deqntk_dist.data import load_dataset
 from deqntk_dist.kernels.conv import FLOAT32_TOL
 from deqntk_dist.preprocess import PreprocessConfig, fit_preprocessing, select_rows
 
-RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 def parse_config(text: str) -> dict:
