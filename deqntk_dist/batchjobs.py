@@ -120,7 +120,7 @@ class JobWatch:
         kind: str,
         *,
         jobs: int | None,
-        interval: float = 10.0,
+        interval: float = 30.0,
         max_failed_starts: int = 3,
         say: Callable[[str], None] | None = None,
         states: Callable[[Sequence[str]], States | None] | None = None,

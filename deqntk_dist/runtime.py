@@ -211,7 +211,7 @@ def _watch_settings() -> tuple[float, int]:
     import dask
     from dask.utils import parse_timedelta
 
-    raw = dask.config.get("deqntk.job-check-interval", "10s")
+    raw = dask.config.get("deqntk.job-check-interval", "30s")
     try:
         interval = float(parse_timedelta(raw, default="seconds"))
     except (TypeError, ValueError, KeyError):

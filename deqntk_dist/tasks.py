@@ -198,12 +198,16 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     with ``ok = False`` (retrying cannot help); anything else (I/O, memory) raises so that
     dask retries the task.  Nothing is marked done unless its data was written.
 
+    A tile the ledger already marks done is not computed again (a task re-executed
+    after its worker left with the result unread, e.g. a worker retiring at its
+    ``--lifetime``): the report is rebuilt from the ledger with ``reused = True``.
+
     Returns
     -------
     dict
         ``ok``, ``tile``, ``entries``, ``max_residual``, ``iterations``, ``seconds``
         (reading the rows + compute), ``read_seconds``, ``write_seconds``, ``bytes``
-        (written), ``checksum``, ``peak_rss``, ``pid``.
+        (written), ``checksum``, ``peak_rss``, ``pid``, ``reused``.
     """
     from .kernels import kernel_matrix
 
@@ -211,8 +215,11 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     ks = _store(job.store)
     what = job.describe()
     shape = (job.rows[1] - job.rows[0], job.cols[1] - job.cols[0])
+    n_entries = shape[0] * shape[1] * (1 if job.i == job.j else 2)
     try:
         _check_identity(ks, job)
+        if ks.tile_done(job.i, job.j):
+            return _reused(ks, job, n_entries)
         X = _rows(job.dataset, ks.dataset_fingerprint, *job.rows)
         Y = None if job.i == job.j else _rows(job.dataset, ks.dataset_fingerprint, *job.cols)
         kw = dict(job.options)
@@ -241,10 +248,9 @@ def run_tile(job: TileJob) -> dict[str, Any]:
             )
     except StoreError as exc:
         return _failure(what, exc)
-    n_entries = (job.rows[1] - job.rows[0]) * (job.cols[1] - job.cols[0])
-    n_entries *= 1 if job.i == job.j else 2
     return {
         "ok": True,
+        "reused": False,
         "tile": (job.i, job.j),
         "entries": n_entries,
         "max_residual": float(res.max_residual),
@@ -256,6 +262,29 @@ def run_tile(job: TileJob) -> dict[str, Any]:
         "write_cpu_seconds": time.process_time() - c1,
         "bytes": n_entries * ks.dtype.itemsize * len(ks.kernels),
         "checksum": crc["checksum"],
+        "peak_rss": _peak_rss(),
+        "pid": os.getpid(),
+    }
+
+
+def _reused(ks: KernelStore, job: TileJob, n_entries: int) -> dict[str, Any]:
+    """The report of a tile that was already done, from its ledger entries."""
+    entry = {f: ks.ledger_entry(f, job.i, job.j) for f in ("max_residual", "iterations")}
+    entry["checksum"] = ks.ledger_entry("checksum", job.i, job.j)
+    return {
+        "ok": True,
+        "reused": True,
+        "tile": (job.i, job.j),
+        "entries": n_entries,
+        "max_residual": float(entry["max_residual"]),
+        "iterations": int(entry["iterations"]),
+        "seconds": 0.0,
+        "read_seconds": 0.0,
+        "write_seconds": 0.0,
+        "cpu_seconds": 0.0,
+        "write_cpu_seconds": 0.0,
+        "bytes": 0,
+        "checksum": int(entry["checksum"]),
         "peak_rss": _peak_rss(),
         "pid": os.getpid(),
     }

@@ -509,3 +509,43 @@ def test_a_tile_leased_by_a_live_job_is_left_to_it(tmp_path, rng, client):
     rep = out["report"]
     assert (rep.tiles_computed, rep.tiles_by_others) == (5, 1)
     assert verify_kernel_store(ks.path) == []
+
+
+def test_a_task_re_executed_for_a_done_tile_does_not_compute_it_again(tmp_path, rng, client):
+    """A tile task that runs again after its tile was written (its worker retired with the
+    result unread) rebuilds its report from the ledger and writes nothing."""
+    from dataclasses import replace
+
+    from deqntk_dist.tasks import TileJob, run_tile
+
+    spec = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
+    x = rng.normal(size=(40, 6))
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, 40), n_train=30, name="s")
+    compute_kernel_store(ds, tmp_path / "ks", spec, tile=16, client=client, progress=False)
+    ks = open_kernel_store(tmp_path / "ks")
+    before = ks.ledger()
+    job = TileJob(
+        store=ks.path,
+        dataset=ds.path,
+        i=0,
+        j=1,
+        rows=ks.plan.bounds(0),
+        cols=ks.plan.bounds(1),
+        threads=1,
+        options=dict(ks.options),
+        identity=ks.identity_digest,
+    )
+    files = sorted(p.stat().st_mtime_ns for p in (tmp_path / "ks").rglob("*") if p.is_file())
+    rep = run_tile(job)
+    assert rep["ok"] and rep["reused"] and rep["bytes"] == 0 and rep["entries"] == 2 * 16 * 16
+    assert rep["checksum"] == int(before["checksum"][0, 1])
+    assert rep["max_residual"] == before["max_residual"][0, 1]
+    after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "ks").rglob("*") if p.is_file())
+    assert after == files  # nothing rewritten
+    # a tile not marked done is computed (and equals the first result bitwise)
+    open_kernel_store(ks.path, writable=True).invalidate(tiles=[(0, 1)])
+    ntk = ks.array("ntk")[:16, 16:32]
+    rep = run_tile(replace(job))
+    assert rep["ok"] and not rep["reused"] and rep["bytes"] > 0
+    np.testing.assert_array_equal(open_kernel_store(ks.path).array("ntk")[:16, 16:32], ntk)
+    assert verify_kernel_store(ks.path) == []

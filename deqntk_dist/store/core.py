@@ -421,6 +421,10 @@ class KernelStore:
                 return False
         return bool(self._node(name)[i, j])
 
+    def ledger_entry(self, field: str, i: int, j: int):
+        """One ledger value of tile ``(i, j)`` (a single chunk read)."""
+        return self._node(f"ledger/{field}")[i, j]
+
     def add_missing_arrays(self) -> list[str]:
         """Add the arrays introduced since this store was made (identity ledger, aux
         checksums, leases); returns their names.  See :func:`add_missing_arrays`."""
