@@ -12,7 +12,8 @@ single-threaded worker, so the routes are comparable:
 
 Per run it prints the time from the driver's start to its first worker (the
 ``N workers / N threads`` line), tiles/s over the tile phase, the wall time, and for the
-faulty runs the tile executions counted by a worker preload (recomputed = executions - tiles).
+faulty runs, from a worker preload, the finished tiles computed a second time and the
+re-executed tasks answered from the ledger (their tile was already written).
 Routes alternate round by round; medians and ratios to ``local`` / ``batch`` at the end.
 
 Usage (root, after ``cluster/slurm/local-slurm.sh start``)::
@@ -53,9 +54,9 @@ class Count(WorkerPlugin):
         self.worker = worker
     def transition(self, key, start, finish, **kw):
         if finish == "memory" and str(key).startswith("deqntk-run_tile"):
-            if not self.worker.data.get(key, {}).get("reused"):
-                with open(PATH, "a") as fh:
-                    fh.write(f"{key}\\n")
+            how = "reused" if self.worker.data.get(key, {}).get("reused") else "computed"
+            with open(PATH, "a") as fh:
+                fh.write(f"{key} {how}\\n")
 async def dask_setup(worker):
     await worker.plugin_add(Count(), name="count")
 """
@@ -148,14 +149,18 @@ def run(route: str, ds: Path, root: Path, k: int, lifetime: str) -> dict:
     first = next(t for t, line in lines if re.search(r"\d+ workers / \d+ threads", line))
     m = re.search(r"computed (\d+) tiles \(0 of \d+ were done before\) in ([\d.]+) s", text)
     tiles, secs = int(m.group(1)), float(m.group(2))
-    n_exec = sum(Counter(execs.read_text().split()).values()) if execs.exists() else None
+    records = [ln.split() for ln in execs.read_text().splitlines()] if execs.exists() else None
+    computed = Counter(k for k, how in records if how == "computed") if records else None
     return {
         "route": route,
         "first_worker_s": first,
         "tiles_per_s": tiles / secs,
         "wall_s": wall,
         "tiles": tiles,
-        "recomputed": None if n_exec is None else n_exec - tiles,
+        # finished tiles computed a second time (visible: both executions returned), and
+        # re-executed tasks whose tile was already written (answered from the ledger)
+        "recomputed": None if computed is None else sum(c - 1 for c in computed.values()),
+        "reused": None if records is None else sum(how == "reused" for _, how in records),
         "replaced": len(re.findall(r"submitting a replacement", text)),
         "cancelled": cancelled,
     }
@@ -185,7 +190,8 @@ def main() -> None:
             print(
                 f"round {k} {route:8s} first worker {r['first_worker_s']:6.1f} s  "
                 f"{r['tiles_per_s']:6.2f} tiles/s  wall {r['wall_s']:6.1f} s  "
-                f"recomputed {r['recomputed']}  replaced {r['replaced']}",
+                f"recomputed {r['recomputed']}  from ledger {r['reused']}  "
+                f"replaced {r['replaced']}",
                 flush=True,
             )
     med = {}
@@ -196,16 +202,18 @@ def main() -> None:
             for key in ("first_worker_s", "tiles_per_s", "wall_s")
         }
         med[route]["recomputed"] = [r["recomputed"] for r in rs]
+        med[route]["reused"] = [r["reused"] for r in rs]
     print(f"\nmedians over {args.rounds} rounds, {rows[0]['tiles']} tiles, one worker:")
-    print("route     first worker  tiles/s  wall    x tiles/s  x wall   recomputed")
+    print("route     first worker  tiles/s  wall    x tiles/s  x wall   recomputed  from ledger")
     for route, m in med.items():
-        base = med["local"] if route == "batch" else med.get("batch", med["local"])
-        if route == "local":
+        first = med[args.routes[0]]
+        base = med.get("local", first) if route == "batch" else med.get("batch", first)
+        if route == args.routes[0]:
             base = m
         print(
             f"{route:9s} {m['first_worker_s']:8.1f} s  {m['tiles_per_s']:7.2f}  "
             f"{m['wall_s']:6.1f} s  {m['tiles_per_s'] / base['tiles_per_s']:8.2f}  "
-            f"{m['wall_s'] / base['wall_s']:6.2f}   {m['recomputed']}"
+            f"{m['wall_s'] / base['wall_s']:6.2f}   {m['recomputed']}  {m['reused']}"
         )
     shutil.rmtree(root, ignore_errors=True)
 
