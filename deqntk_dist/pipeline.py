@@ -280,6 +280,7 @@ def _kernel_store_state(
     if not path.exists():
         return "absent"
     from .store import open_kernel_store
+    from .store.identity import kernels_cover
 
     try:
         ks = open_kernel_store(path)
@@ -289,7 +290,7 @@ def _kernel_store_state(
         ks.spec != spec
         or ks.n != dataset.n
         or ks.dataset_fingerprint != dataset.fingerprint
-        or (kernels is not None and not set(kernels) <= set(ks.kernels))
+        or not kernels_cover(ks.kernels, kernels)
         or (dtype is not None and ks.dtype.name != dtype)
         or (options is not None and ks.options != options)
     ):

@@ -549,3 +549,33 @@ def test_a_task_re_executed_for_a_done_tile_does_not_compute_it_again(tmp_path, 
     assert rep["ok"] and not rep["reused"] and rep["bytes"] > 0
     np.testing.assert_array_equal(open_kernel_store(ks.path).array("ntk")[:16, 16:32], ntk)
     assert verify_kernel_store(ks.path) == []
+
+
+def test_resume_asking_a_subset_of_the_store_kernels_completes_the_store(tmp_path, rng, client):
+    """One rule for kernels (store and pipeline): a request for a subset of a store's
+    kernels resumes it, computing every kernel the store declares; a superset is refused."""
+    from deqntk_dist.errors import StoreMismatchError
+    from deqntk_dist.pipeline import _kernel_store_state
+
+    spec = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
+    x = rng.normal(size=(48, 5))
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, 48), n_train=40, name="s")
+    path = tmp_path / "ks"
+    kw = dict(tile=16, client=client, progress=False)
+    compute_kernel_store(ds, path, spec, kernels=("ntk", "nngp"), max_tiles=2, **kw)
+    assert _kernel_store_state(path, spec, ds, ("ntk",), None) == "partial"
+    rep = compute_kernel_store(ds, path, spec, kernels=("ntk",), **kw)
+    assert rep.tiles_computed == 4
+    ks = open_kernel_store(path)
+    assert ks.kernels == ("ntk", "nngp") and ks.is_complete()
+    full = kernel_matrix(spec, x.astype(np.float32))
+    np.testing.assert_array_equal(ks.array("ntk")[...], full.ntk.astype(np.float32))
+    np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))
+    assert verify_kernel_store(path) == []
+    assert _kernel_store_state(path, spec, ds, ("nngp",), None) == "complete"
+
+    only_ntk = tmp_path / "ntk"
+    compute_kernel_store(ds, only_ntk, spec, kernels=("ntk",), max_tiles=1, **kw)
+    assert _kernel_store_state(only_ntk, spec, ds, ("ntk", "nngp"), None) == "mismatch"
+    with pytest.raises(StoreMismatchError, match=r"kernels: store has \['ntk'\], requested"):
+        compute_kernel_store(ds, only_ntk, spec, kernels=("ntk", "nngp"), **kw)

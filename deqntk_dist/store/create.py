@@ -30,7 +30,7 @@ from .core import (
     add_missing_arrays,
     open_kernel_store,
 )
-from .identity import identity_digest, normal_spec, store_identity, tile_digest
+from .identity import identity_digest, kernels_cover, normal_spec, store_identity, tile_digest
 
 __all__ = ["check_dataset_shape", "create_kernel_store"]
 
@@ -59,7 +59,12 @@ def _mismatches(have: dict, want: dict) -> list[str]:
     out = []
     have = {**have, "spec": normal_spec(have.get("spec"))}
     for key in ("spec", "tile", "dtype", "kernels", "options"):
-        if have.get(key) != want[key]:
+        same = (
+            kernels_cover(have.get(key), want[key])
+            if key == "kernels"
+            else have.get(key) == want[key]
+        )
+        if not same:
             out.append(f"{key}: store has {have.get(key)!r}, requested {want[key]!r}")
     hd, wd = have.get("dataset", {}), want["dataset"]
     for key in ("fingerprint", "n", "n_train"):

@@ -25,6 +25,7 @@ __all__ = [
     "IDENTITY_VERSION",
     "aux_digest",
     "identity_digest",
+    "kernels_cover",
     "normal_spec",
     "store_identity",
     "tile_digest",
@@ -32,6 +33,13 @@ __all__ = [
 
 #: Version of the digest recipe (part of every digest).
 IDENTITY_VERSION = 1
+
+
+def kernels_cover(stored, asked) -> bool:
+    """The one rule for kernels: a store serves a request for any subset of its kernels
+    (``asked`` None means "whatever the store has").  A resume computes the store's own
+    kernels, so a tile marked done always holds every kernel the store declares."""
+    return asked is None or set(asked) <= set(stored or ())
 
 
 def normal_spec(data: Any) -> Any:
