@@ -15,6 +15,7 @@ jobs and their log files, so the driver stops with a clear message instead of wa
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -66,7 +67,7 @@ def slurm_states(job_ids: Sequence[str]) -> States | None:
 
 
 def parse_qstat(text: str) -> States:
-    """Parse ``qstat -x`` table output (``Job id  Name  User  Time  S  Queue``)."""
+    """Parse ``qstat`` table output (``Job id  Name  User  Time  S  Queue``)."""
     out: States = {}
     for line in text.splitlines():
         parts = line.split()
@@ -77,14 +78,24 @@ def parse_qstat(text: str) -> States:
 
 
 def pbs_states(job_ids: Sequence[str]) -> States | None:
-    """States of PBS jobs from ``qstat -x`` (finished jobs are shown with state F)."""
-    r = _run(["qstat", "-x", *job_ids])
+    """States of PBS Pro / Torque jobs from ``qstat`` (table output).
+
+    Only what ``qstat`` says is concluded: a job listed in a finished state (``F``, ``C``,
+    ``X``) or named in its errors as unknown or finished is gone; a job it neither lists
+    nor names is taken as still there (the output format varies between PBS flavours).
+    """
+    r = _run(["qstat", *job_ids])
     if r is None:
         return None
     states = parse_qstat(r.stdout)
-    if r.returncode != 0 and "Unknown Job Id" not in r.stderr:
+    for line in r.stderr.splitlines():
+        if "Unknown Job Id" in line or "has finished" in line:
+            for job_id in job_ids:
+                if re.search(rf"\b{re.escape(job_id)}\b", line):
+                    states[job_id] = (False, "finished")
+    if r.returncode != 0 and not states:
         return None
-    return states
+    return {j: states.get(j, (True, "not listed")) for j in job_ids}
 
 
 STATE_QUERIES: dict[str, Callable[[Sequence[str]], States | None]] = {

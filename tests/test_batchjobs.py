@@ -172,3 +172,28 @@ def test_scheduler_on_the_configured_interface_dashboard_on_loopback():
         assert assf in cluster.job_script()
     finally:
         cluster.close()
+
+
+def test_pbs_states_conclude_only_what_qstat_says(monkeypatch):
+    import subprocess
+
+    from deqntk_dist import batchjobs
+
+    def fake(stdout, stderr, rc):
+        return lambda cmd: subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+    table = (
+        "Job id            Name             User              Time Use S Queue\n"
+        "----------------  ---------------- ----------------  -------- - -----\n"
+        "101.pbs01         deqntk-worker    ana               00:00:00 Q batch\n"
+    )
+    err = "qstat: Unknown Job Id 102.pbs01\nqstat: 104.pbs01 Job has finished, use -x\n"
+    monkeypatch.setattr(batchjobs, "_run", fake(table, err, 35))
+    assert batchjobs.pbs_states(["101", "102", "103", "104"]) == {
+        "101": (True, "Q"),
+        "102": (False, "finished"),
+        "103": (True, "not listed"),  # neither listed nor named: not concluded gone
+        "104": (False, "finished"),
+    }
+    monkeypatch.setattr(batchjobs, "_run", fake("", "qstat: cannot connect to server\n", 1))
+    assert batchjobs.pbs_states(["101"]) is None
