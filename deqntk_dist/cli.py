@@ -8,7 +8,10 @@ which raises :class:`~deqntk_dist.errors.DeqntkError` with a clear message on ba
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
 import warnings
 
 from .errors import DatasetWarning, DeqntkError
@@ -638,7 +641,30 @@ def _one_line_warning(command: str):
     return show
 
 
+def _quiet_interrupt(signum, frame):
+    """SIGINT: silence the dask/tornado loggers *before* the KeyboardInterrupt is raised
+    (a ``sync`` call cut short logs a callback traceback on the event loop thread at once),
+    so that Ctrl-C ends with the one ``interrupted`` line."""
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    raise KeyboardInterrupt
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    previous = None
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        previous = signal.signal(signal.SIGINT, _quiet_interrupt)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except DeqntkError as exc:

@@ -264,6 +264,19 @@ def _wait_for_first_worker(client, timeout: float, check: Callable[[], None]) ->
 
 
 @contextlib.contextmanager
+def _quiet_teardown_on_interrupt() -> Iterator[None]:
+    """On Ctrl-C, silence the logs of the cluster teardown that follows (the nannies of a
+    LocalCluster run in this process; callbacks cut short by the interrupt log tracebacks
+    that say nothing to the user, who gets one ``interrupted`` line)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        raise
+
+
+@contextlib.contextmanager
 def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     """Yield a ``distributed.Client`` for ``config``; close what was started on exit.
 
@@ -342,7 +355,8 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
             _HEALTH[id(client)] = check
         try:
             _wait_for_first_worker(client, _worker_timeout(), check)
-            yield client
+            with _quiet_teardown_on_interrupt():
+                yield client
         finally:
             _HEALTH.pop(id(client), None)
             client.close()
