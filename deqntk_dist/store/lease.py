@@ -148,17 +148,37 @@ class TileLeases:
         """
         path = self.path(i, j)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The lease is recorded as held *before* its file can exist, and the file appears
+        # whole (a hard link of a written temp file): a Ctrl-C at any point leaves either
+        # no file or a complete one that release_all() removes.
+        with self._lock:
+            self._held.add((i, j))
+        tmp = path.with_name(f"0.new-{uuid.uuid4().hex[:12]}")
+        try:
+            tmp.write_bytes(self._record)
+            taken, other = self._create(path, tmp, i, j)
+        except BaseException:
+            self.release(i, j)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        if not taken:
+            with self._lock:
+                self._held.discard((i, j))
+        return taken, other
+
+    def _create(self, path: Path, tmp: Path, i: int, j: int) -> tuple[bool, LeaseOwner | None]:
         other = None
         for _ in range(4):
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 state = self.holder(i, j)
                 if state is None:
                     continue  # released meanwhile: try again
                 other, stale = state
                 if other is not None and other.token == self.owner.token:
-                    break  # ours already (e.g. a retried task)
+                    return True, None  # ours already (e.g. a retried task)
                 if not stale:
                     return False, other
                 # stale: move it aside (one taker wins the rename), then create ours
@@ -169,16 +189,8 @@ class TileLeases:
                 except FileNotFoundError:
                     pass
                 continue
-            try:
-                os.write(fd, self._record)
-            finally:
-                os.close(fd)
-            break
-        else:
-            return False, other
-        with self._lock:
-            self._held.add((i, j))
-        return True, None
+            return True, None
+        return False, other
 
     def release(self, i: int, j: int) -> None:
         """Give up tile ``(i, j)``'s lease if this job holds it."""
