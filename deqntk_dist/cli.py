@@ -8,7 +8,6 @@ which raises :class:`~deqntk_dist.errors.DeqntkError` with a clear message on ba
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -645,8 +644,9 @@ def _quiet_interrupt(signum, frame):
     """SIGINT: silence the dask/tornado loggers *before* the KeyboardInterrupt is raised
     (a ``sync`` call cut short logs a callback traceback on the event loop thread at once),
     so that Ctrl-C ends with the one ``interrupted`` line."""
-    for name in ("distributed", "tornado", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    from .runtime import silence_dask_logs
+
+    silence_dask_logs()
     raise KeyboardInterrupt
 
 

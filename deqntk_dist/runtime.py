@@ -29,6 +29,7 @@ __all__ = [
     "dask_client",
     "jobqueue_cluster",
     "resolve_dashboard_address",
+    "silence_dask_logs",
 ]
 
 #: glibc malloc settings for worker processes.  dask's nanny sets
@@ -222,11 +223,8 @@ def _watch_settings() -> tuple[float, int]:
             f"(e.g. '10s'), got {raw!r}"
         )
     raw = dask.config.get("deqntk.max-failed-starts", 3)
-    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit():
-        raw_ok = False
-    else:
-        raw_ok = int(raw) >= 1
-    if not raw_ok:
+    digits = isinstance(raw, int | str) and not isinstance(raw, bool) and str(raw).isdigit()
+    if not (digits and int(raw) >= 1):
         raise InputError(
             f"dask config deqntk.max-failed-starts must be an integer >= 1, got {raw!r}"
         )
@@ -271,9 +269,14 @@ def _quiet_teardown_on_interrupt() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        for name in ("distributed", "tornado", "asyncio"):
-            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        silence_dask_logs()
         raise
+
+
+def silence_dask_logs() -> None:
+    """Silence the distributed, tornado and asyncio loggers of this process (after Ctrl-C)."""
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 @contextlib.contextmanager

@@ -269,8 +269,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
 
 def _reused(ks: KernelStore, job: TileJob, n_entries: int) -> dict[str, Any]:
     """The report of a tile that was already done, from its ledger entries."""
-    entry = {f: ks.ledger_entry(f, job.i, job.j) for f in ("max_residual", "iterations")}
-    entry["checksum"] = ks.ledger_entry("checksum", job.i, job.j)
+    fields = ("max_residual", "iterations", "checksum")
+    entry = {f: ks.ledger_entry(f, job.i, job.j) for f in fields}
     return {
         "ok": True,
         "reused": True,
