@@ -82,9 +82,10 @@ class Slurm:
         out = self.run("squeue", "-h", "--states=all", "-o", "%i %j %T")
         return {p[0]: (p[1], p[2]) for p in (line.split() for line in out.splitlines()) if p}
 
-    def active(self, name: str) -> dict[str, str]:
+    def active(self, name: str | None = None) -> dict[str, str]:
+        """Jobs not yet ended (of one job name, or all): ``{job_id: state}``."""
         alive = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING"}
-        return {j: s for j, (n, s) in self.jobs().items() if n == name and s in alive}
+        return {j: s for j, (n, s) in self.jobs().items() if name in (None, n) and s in alive}
 
     def wait_until(self, what: str, cond, timeout: float = 120.0, every: float = 0.2):
         deadline = time.monotonic() + timeout
@@ -96,12 +97,8 @@ class Slurm:
         raise TimeoutError(f"{what} not within {timeout:g} s; queue: {self.jobs()}")
 
     def cancel_all(self) -> None:
-        self.run("scancel", "--user", os.environ.get("USER", "root"), check=False)
         self.run("scancel", "-u", str(os.getuid()), check=False)
-        self.wait_until("an empty queue", lambda: not self.active_any(), timeout=60)
-
-    def active_any(self) -> bool:
-        return any(s in ("PENDING", "RUNNING", "COMPLETING") for _, s in self.jobs().values())
+        self.wait_until("an empty queue", lambda: not self.active(), timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +377,7 @@ def test_driver_job_cancelled_then_resubmitted(slurm, data, tmp_path):
         slurm.wait_until("30 tiles", lambda: _tiles_done(store) >= 30, 240)
         slurm.run("scancel", first)
         # its worker job loses the scheduler and exits after death-timeout (15 s)
-        slurm.wait_until("no running job", lambda: not slurm.active_any(), 120, 0.5)
+        slurm.wait_until("no running job", lambda: not slurm.active(), 120, 0.5)
     finally:
         slurm.cancel_all()
     before = open_kernel_store(store).ledger()
