@@ -11,7 +11,6 @@ anything else raises so that dask retries the task.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import resource
 import time
@@ -26,6 +25,7 @@ from .dataset import DatasetStore, open_dataset_store
 from .errors import DeqntkError, StoreError, StoreMismatchError
 from .spec import CDEQSpec
 from .store import AlignedBuffers, KernelStore, open_kernel_store
+from .store.core import FATAL_WRITE_ERRNOS
 
 __all__ = [
     "FATAL_WRITE_ERRNOS",
@@ -38,8 +38,6 @@ __all__ = [
 
 #: Slice tolerance of CDEQ stores whose options do not record one (written before it was).
 LEGACY_CDEQ_TOL = 1e-13
-#: Write errors that retrying cannot fix: reported at once, without dask's logs.
-FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -508,3 +508,31 @@ def test_verify_names_what_is_wrong_with_the_ledger_and_metadata(tmp_path, ds):
     (root / "zarr.json").write_text("{not json")
     with pytest.raises(StoreError, match="not a zarr group"):
         verify_kernel_store(store.path)
+
+
+def test_a_full_disk_while_leasing_a_tile_is_a_store_error_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    import errno
+    from pathlib import Path
+
+    from deqntk_dist.errors import StoreError
+    from deqntk_dist.store.lease import TileLeases
+
+    leases = TileLeases(tmp_path)
+    assert leases.acquire(0, 1) == (True, None)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(
+        StoreError,
+        match=r"lease of tile \(2, 3\).*No space left on device; "
+        r"finished tiles are kept in the store",
+    ):
+        leases.acquire(2, 3)
+    monkeypatch.undo()
+    assert not leases.path(2, 3).exists()
+    leases.release_all()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -27,6 +27,7 @@ attrs                   ``format`` "deqntk-kernel-store", ``format_version``, ``
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -77,6 +78,8 @@ DTYPES = ("float32", "float64")
 #: ledger field -> (dtype, fill value); ``done`` is written last.  ``identity`` (the tile's
 #: :func:`~.identity.tile_digest`, 0 = written without one) is absent from stores made
 #: before it was introduced.
+#: Write errors that retrying cannot fix: reported at once, without dask's logs.
+FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 LEDGER_FIELDS: dict[str, tuple[str, Any]] = {
     "checksum": ("uint32", 0),
     "max_residual": ("float64", math.nan),

@@ -24,7 +24,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .core import LEASE_BYTES
+from ..errors import StoreError
+from .core import FATAL_WRITE_ERRNOS, LEASE_BYTES
 
 __all__ = ["LeaseOwner", "TileLeases", "lease_ttl"]
 
@@ -157,6 +158,14 @@ class TileLeases:
         try:
             tmp.write_bytes(self._record)
             taken, other = self._create(path, tmp, i, j)
+        except OSError as exc:
+            self.release(i, j)
+            if exc.errno not in FATAL_WRITE_ERRNOS:
+                raise
+            raise StoreError(
+                f"cannot write the lease of tile ({i}, {j}) in {path.parent}: "
+                f"{exc.strerror or exc}; finished tiles are kept in the store"
+            ) from exc
         except BaseException:
             self.release(i, j)
             raise
@@ -193,14 +202,15 @@ class TileLeases:
         return False, other
 
     def release(self, i: int, j: int) -> None:
-        """Give up tile ``(i, j)``'s lease if this job holds it."""
-        with self._lock:
-            self._held.discard((i, j))
+        """Give up tile ``(i, j)``'s lease if this job holds it (forgotten only once its file
+        is gone, so that an interrupt in between leaves it to :meth:`release_all`)."""
         if self._ours(i, j):
             try:
                 self.path(i, j).unlink()
             except FileNotFoundError:
                 pass
+        with self._lock:
+            self._held.discard((i, j))
 
     def release_all(self) -> None:
         with self._lock:
