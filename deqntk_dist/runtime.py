@@ -274,8 +274,14 @@ def _quiet_teardown_on_interrupt() -> Iterator[None]:
 
 
 def silence_dask_logs() -> None:
-    """Silence the distributed, tornado and asyncio loggers of this process (after Ctrl-C)."""
-    for name in ("distributed", "tornado", "asyncio"):
+    """Silence the distributed, tornado and asyncio loggers of this process (after Ctrl-C).
+
+    Child loggers are set too: dask's logging config gives some their own level (e.g.
+    ``tornado.application: error``), which a parent's level does not override.
+    """
+    prefixes = ("distributed", "tornado", "asyncio")
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in prefixes]
+    for name in {*prefixes, *names}:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
