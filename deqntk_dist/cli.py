@@ -219,6 +219,21 @@ def _add_compute(sub) -> None:
         help="tiles submitted at once (default 2 x worker threads)",
     )
     p.add_argument("--retries", type=int, default=2, help="dask retries per tile (default 2)")
+    p.add_argument(
+        "--layout",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="layout of a new store: 2 (default; one shard and one ledger record per tile) "
+        "or 1 (one chunk and 14 ledger files per tile); an existing store keeps its own",
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=1024,
+        help="layout 2: side of the inner chunks readers fetch (default 1024, or a divisor "
+        "of the tile)",
+    )
     _add_resume_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_compute)
@@ -267,6 +282,8 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         max_tiles=args.max_tiles,
         recompute_mismatched=args.recompute_mismatched,
         progress=not args.no_progress,
+        layout=args.layout,
+        chunk=args.chunk,
     )
     others = f", {report.tiles_by_others} by another job" if report.tiles_by_others else ""
     print(
@@ -340,6 +357,42 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"{', '.join(st['kernels'])}, {st['dtype']})"
     )
     return 0
+
+
+def _add_migrate(sub) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="rewrite a layout-1 kernel store as layout 2 (resumable, verified at the end)",
+    )
+    p.add_argument("kernel_store", help="layout-1 kernel store")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where the layout-2 store goes (default: in place; the old store is kept as "
+        "KERNEL_STORE.v1)",
+    )
+    p.add_argument("--chunk", type=int, default=1024, help="inner chunk side (default 1024)")
+    p.set_defaults(func=_cmd_migrate)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from .store.migrate import migrate_kernel_store
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    rep = migrate_kernel_store(args.kernel_store, args.out, chunk=args.chunk, say=say)
+    for line in rep.problems:
+        print(f"PROBLEM: {line}")
+    missing = rep.tiles_total - rep.tiles_copied - rep.tiles_done_before
+    print(
+        f"{rep.dest}: layout 2, {rep.tiles_copied} tiles copied"
+        + (f" ({rep.tiles_done_before} were copied before)" if rep.tiles_done_before else "")
+        + (f", {missing} not done (run compute to finish)" if missing else "")
+        + f" in {rep.seconds:.1f} s"
+        + (f"; the layout-1 store is kept as {rep.backup}" if rep.backup else "")
+    )
+    return 1 if rep.problems else 0
 
 
 # ------------------------------------------------------------------------------------ solve
@@ -605,7 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="NTK / NNGP Gram matrices of infinitely deep equilibrium models",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_compute, _add_status, _add_verify, _add_solve, _add_prepare, _add_run):
+    for add in (
+        _add_compute,
+        _add_status,
+        _add_verify,
+        _add_migrate,
+        _add_solve,
+        _add_prepare,
+        _add_run,
+    ):
         add(sub)
     return parser
 

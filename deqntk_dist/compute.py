@@ -44,8 +44,11 @@ from .store import (
     create_kernel_store,
     open_kernel_store,
 )
-from .store.lease import TileLeases
+from .store.core import KERNEL_FORMAT_VERSION
+from .store.lease import NoLeases, TileLeases, leases_for
+from .store.location import Location
 from .store.resume import prepare_resume
+from .store.shards import DEFAULT_CHUNK
 from .tasks import AuxJob, TileJob, run_self_covariance, run_tile
 
 __all__ = [
@@ -348,6 +351,8 @@ def compute_kernel_store(
     recompute_mismatched: bool = False,
     progress: bool = True,
     log=None,
+    layout: int = KERNEL_FORMAT_VERSION,
+    chunk: int = DEFAULT_CHUNK,
 ) -> ComputeReport:
     """Compute (or finish) the kernel store of a dataset store on Dask.
 
@@ -392,6 +397,9 @@ def compute_kernel_store(
         Progress bar on stderr.
     log : callable, optional
         Receives one-line messages (default: print to stderr).
+    layout, chunk : int
+        Layout of a new store (2: one shard per tile with ``chunk``-sided inner chunks; 1:
+        one chunk per tile) and its inner chunk side; an existing store keeps its own.
 
     Returns
     -------
@@ -419,7 +427,7 @@ def compute_kernel_store(
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     ds = dataset if isinstance(dataset, DatasetStore) else open_dataset_store(dataset)
     check_dataset_shape(ds, spec)
-    path = Path(store).absolute()
+    path = Location.parse(store, param="store")
     existing = open_kernel_store(path) if path.exists() else None
 
     dtype = dtype or (existing.dtype.name if existing else "float32")
@@ -434,6 +442,8 @@ def compute_kernel_store(
             dtype=dtype,
             kernels=kernels or (existing.kernels if existing else KERNEL_NAMES),
             options=options,
+            layout=layout,
+            chunk=chunk,
         )
         prepare_resume(ks, ds, recompute_mismatched=recompute_mismatched, say=say)
         return ks
@@ -441,8 +451,8 @@ def compute_kernel_store(
     # settings and writability are checked before any cluster is started
     tile = tile or (existing.tile if existing is not None else None)
     ks = make_store(tile) if tile is not None else None
-    if ks is None:
-        _check_parent(path)
+    if ks is None and path.is_local:
+        _check_parent(path.local_path)
     ctx = contextlib.nullcontext(client) if client is not None else dask_client(runtime)
     with ctx as cl:
         if _local_cluster(client, runtime):
@@ -527,7 +537,9 @@ class _TileSource:
     """Hands out the missing tiles in order, each only once this job holds its lease and
     it is still not done; tiles leased by another job wait and are checked again."""
 
-    def __init__(self, ks: KernelStore, order, leases: TileLeases, *, max_tiles, poll, say):
+    def __init__(
+        self, ks: KernelStore, order, leases: TileLeases | NoLeases, *, max_tiles, poll, say
+    ):
         self.ks, self.leases, self.say, self.poll = ks, leases, say, poll
         self.queue = deque(order)
         self.waiting: dict[tuple[int, int], Any] = {}
@@ -614,7 +626,7 @@ def _compute_tiles(
     acc.update(compute=0.0, read=0.0, write=0.0, compute_cpu=0.0, write_cpu=0.0)
 
     t0 = time.perf_counter()
-    with TileLeases(ks.path) as leases:
+    with leases_for(ks) as leases:
         source = _TileSource(
             ks, missing, leases, max_tiles=max_tiles, poll=LEASE_POLL_SECONDS, say=say
         )

@@ -14,6 +14,7 @@ __all__ = [
     "FixedPointError",
     "StoreError",
     "ClusterError",
+    "StoreNotFoundError",
     "StoreMismatchError",
     "IncompleteStoreError",
     "DatasetError",
@@ -68,6 +69,10 @@ class ClusterError(DeqntkError, RuntimeError):
     def __init__(self, message: str, *, jobs=()):
         super().__init__(message)
         self.jobs = list(jobs)
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store at the given path or URL."""
 
 
 class StoreMismatchError(StoreError, ValueError):

@@ -26,6 +26,7 @@ from .errors import DeqntkError, StoreError, StoreMismatchError
 from .spec import CDEQSpec
 from .store import AlignedBuffers, KernelStore, open_kernel_store
 from .store.core import FATAL_WRITE_ERRNOS
+from .store.location import Location
 
 __all__ = [
     "FATAL_WRITE_ERRNOS",
@@ -84,8 +85,16 @@ _ROWS_KEEP = 3
 _ROWS_BYTES = 512 * 2**20
 
 
+def _stamp(path: str):
+    """When a store's root metadata last changed (a cached open is then stale)."""
+    loc = Location.parse(path)
+    if loc.is_local:
+        return os.stat(Path(loc.url) / "zarr.json").st_mtime_ns
+    return loc.mtime("zarr.json")
+
+
 def _store(path: str) -> KernelStore:
-    key = (path, os.stat(Path(path) / "zarr.json").st_mtime_ns)
+    key = (path, _stamp(path))
     if key not in _STORES:
         _STORES.clear()
         _STORES[key] = open_kernel_store(path, writable=True)
@@ -99,7 +108,7 @@ def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
     ``_ROWS_BYTES``), so a worker rarely reads a block twice.  The dataset must still carry the
     fingerprint recorded in the kernel store: rows of another dataset are never mixed in.
     """
-    key = (dataset, os.stat(Path(dataset) / "zarr.json").st_mtime_ns)
+    key = (dataset, _stamp(dataset))
     if key not in _DATASETS:
         _DATASETS.clear()
         _ROWS.clear()

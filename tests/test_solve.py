@@ -38,10 +38,12 @@ def _data(rng, n, d=8, k=3, sep=2.0):
     return centres[y] + rng.normal(size=(n, d)), y
 
 
-def _make_store(path, x, y, n_train, *, tile, dtype="float32", tiles=None):
+def _make_store(path, x, y, n_train, *, tile, dtype="float32", tiles=None, layout=2):
     """A real kernel store through the store API, tiles from ``kernel_matrix``."""
     ds = write_dataset_store(path / "ds", x, y, n_train=n_train, name="toy")
-    store = create_kernel_store(path / "ks", ds, SPEC, tile=tile, dtype=dtype, kernels=("ntk",))
+    store = create_kernel_store(
+        path / "ks", ds, SPEC, tile=tile, dtype=dtype, kernels=("ntk",), layout=layout
+    )
     X = ds.rows(0, ds.n)
     for i, j in store.plan.tiles() if tiles is None else tiles:
         r0, r1 = store.plan.bounds(i)
@@ -488,7 +490,7 @@ def test_cli_verify_prints_notes_and_layout_problems(tmp_path, rng, capsys):
     import shutil
 
     x, y = _data(rng, 100)
-    ks = _make_store(tmp_path, x, y, 80, tile=64)
+    ks = _make_store(tmp_path, x, y, 80, tile=64, layout=1)
     shutil.rmtree(Path(ks.path) / "ledger" / "identity")
     assert main(["verify", ks.path]) == 0
     out = capsys.readouterr().out

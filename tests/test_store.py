@@ -39,10 +39,11 @@ def _fill(store, ds, tiles=None):
         )
 
 
+@pytest.mark.parametrize("layout", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_reader_api_matches_untiled_kernel(tmp_path, ds, dtype):
+def test_reader_api_matches_untiled_kernel(tmp_path, ds, dtype, layout):
     store = create_kernel_store(
-        tmp_path / "ks", ds, SPEC, tile=TILE, dtype=dtype, kernels=("nngp", "ntk")
+        tmp_path / "ks", ds, SPEC, tile=TILE, dtype=dtype, kernels=("nngp", "ntk"), layout=layout
     )
     assert store.kernels == ("ntk", "nngp")
     _fill(store, ds)
@@ -53,7 +54,7 @@ def test_reader_api_matches_untiled_kernel(tmp_path, ds, dtype):
     assert ks.spec == SPEC and ks.dataset().fingerprint == ds.fingerprint
     np.testing.assert_array_equal(ks.array("ntk")[...], ntk)
     np.testing.assert_array_equal(ks.to_dask("nngp").compute(), nngp)
-    assert ks.to_dask("ntk").chunksize == (TILE, TILE)
+    assert ks.to_dask("ntk").chunksize == (TILE, TILE)  # a tile is smaller than a chunk
     np.testing.assert_array_equal(ks.block("ntk", slice(3, 40), slice(17, 45)), ntk[3:40, 17:45])
     np.testing.assert_array_equal(ks.train_train("ntk"), ntk[:NTRAIN, :NTRAIN])
     np.testing.assert_array_equal(ks.test_train("nngp"), nngp[NTRAIN:, :NTRAIN])
@@ -71,7 +72,10 @@ def test_reader_api_matches_untiled_kernel(tmp_path, ds, dtype):
         g.attrs["spec"] == SPEC.to_dict() and g.attrs["dataset"]["fingerprint"] == ds.fingerprint
     )
     np.testing.assert_array_equal(da.from_zarr(g["ntk"]).compute(), ntk)
-    assert g["ledger/done"][...].all()
+    if layout == 1:
+        assert g["ledger/done"][...].all()
+    else:
+        assert (np.asarray(g["ledger/records"][...])[np.triu_indices(3)] > 0).any(axis=-1).all()
 
 
 def test_partial_store_status_and_guarded_reads(tmp_path, ds):
@@ -129,7 +133,7 @@ def test_store_written_before_the_pooling_fields_reopens(tmp_path, ds):
 
 
 def test_verify_reports_corrupted_chunks_and_ledger(tmp_path, ds):
-    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE, layout=1)
     _fill(store, ds)
     assert verify_kernel_store(tmp_path / "ks") == []
     chunk = tmp_path / "ks" / "ntk" / "c" / "0" / "1"
@@ -198,12 +202,16 @@ def test_cast_and_mirror_rounds_like_astype(rng, dtype):
 def test_direct_chunk_files_are_the_bytes_zarr_writes(tmp_path, ds, monkeypatch):
     from deqntk_dist.store import KernelStore
 
-    fast = create_kernel_store(tmp_path / "fast", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
+    fast = create_kernel_store(
+        tmp_path / "fast", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"), layout=1
+    )
     assert fast._raw_chunks("ntk")
     assert all(fast._raw_chunks(f"ledger/{f}") for f in ("done", "checksum", "max_residual"))
     _fill(fast, ds)
     monkeypatch.setattr(KernelStore, "_raw_chunks", lambda self, name: False)
-    ref = create_kernel_store(tmp_path / "ref", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"))
+    ref = create_kernel_store(
+        tmp_path / "ref", ds, SPEC, tile=TILE, kernels=("ntk", "nngp"), layout=1
+    )
     _fill(ref, ds)  # through zarr's own writer
     for name in ("ntk", "nngp"):
         files = sorted(
@@ -371,7 +379,7 @@ def _edit_attrs(path, **changes):
 def test_verify_binds_tiles_to_the_spec_dataset_and_settings(tmp_path, ds):
     """Editing the spec, the dataset fingerprint, the options or the tile in zarr.json after
     the tiles were written is reported: every tile carries the digest of its identity."""
-    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE, layout=1)
     _fill(store, ds)
     assert verify_kernel_store(store.path) == []
     root = zarr.open_group(store.path, mode="r")
@@ -457,7 +465,7 @@ def _make_legacy(path):
 
 
 def test_store_without_identity_digests_opens_verifies_with_a_note(tmp_path, ds):
-    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE, layout=1)
     _fill(store, ds, tiles=[(0, 0), (0, 1)])
     _make_legacy(store.path)
     ks = open_kernel_store(store.path)
@@ -473,7 +481,7 @@ def test_store_without_identity_digests_opens_verifies_with_a_note(tmp_path, ds)
 
 
 def test_verify_names_what_is_wrong_with_the_ledger_and_metadata(tmp_path, ds):
-    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE)
+    store = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=TILE, layout=1)
     _fill(store, ds)
     root = tmp_path / "ks"
     # a deleted ledger checksum entry: not "chunk bytes changed"

@@ -1,10 +1,19 @@
 """Kernel store: a symmetric N x N Gram in a zarr v3 group, with a per-tile ledger.
 
-Layout (DESIGN.md §3; all paths relative to the group)
-------------------------------------------------------
-``ntk``, ``nngp``       (N, N) float32 or float64, chunks (tile, tile), no compression,
-                        fill value NaN (an unwritten chunk reads as NaN, never as zeros).
+Layout 2 (new stores; DESIGN.md §3; all keys relative to the group)
+--------------------------------------------------------------------
+``ntk``, ``nngp``       (N, N) float32 or float64, sharded: one shard per tile (tile x tile),
+                        inner chunks ``chunk`` x ``chunk`` (attrs ``chunk``; 1024 or the tile
+                        if smaller), no compression, fill value NaN.  Each shard is written
+                        whole by one task (:mod:`.shards`).
+``ledger/records``      (nb, nb, 512) uint8, one chunk (``c.I.J.0``) per tile I <= J: a JSON
+                        record of its checksums, residual, iterations, time and identity
+                        digest, written after the data (:mod:`.ledger`).
 ``labels``              (N,) int64 copy of the dataset's ``y`` (train rows first).
+
+Layout 1 (older stores; read, resumed, verified and migrated)
+-------------------------------------------------------------
+``ntk``, ``nngp``       chunks (tile, tile), no compression, fill value NaN.
 ``ledger/<field>``      (nb, nb) on the tile grid, chunks (1, 1) so every tile writes its own
                         ledger files: ``done`` (bool), ``checksum`` (uint32 crc32 of the
                         chunk's values as written, C order little-endian), ``max_residual``,
@@ -13,13 +22,17 @@ Layout (DESIGN.md §3; all paths relative to the group)
                         (the mirror's own checksum), ``done`` last and only after the data.
                         ``identity`` (uint64 digest of the store identity and the tile's
                         geometry, :mod:`.identity`; 0 or absent: written by older software).
+
+Both layouts
+------------
 ``aux/self_cov``        CDEQ only: per-example self-covariances (N, H, W) float64, computed
                         once before the tiles; per row chunk ``aux/self_cov_checksum``
                         (crc32), ``aux/self_cov_identity`` (digest), ``aux/self_cov_done``.
 ``leases``              (nb, nb, 256) uint8: tile leases of running ``compute`` jobs
-                        (:mod:`.lease`); all zero when no job runs.
+                        (:mod:`.lease`; local stores); all zero when no job runs.
 ``results/<kernel>``    written by ``solve`` (:mod:`deqntk_dist.results`).
-attrs                   ``format`` "deqntk-kernel-store", ``format_version``, ``spec``,
+attrs                   ``format`` "deqntk-kernel-store", ``format_version`` (1 or 2),
+                        ``chunk`` (layout 2), ``spec``,
                         ``dataset`` {path, fingerprint, n, n_train, name}, ``tile``, ``dtype``,
                         ``kernels``, ``options``, ``software`` {name, version}; ``labels``
                         attrs ``crc32``.
@@ -28,11 +41,8 @@ attrs                   ``format`` "deqntk-kernel-store", ``format_version``, ``
 from __future__ import annotations
 
 import errno
-import math
-import os
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +54,8 @@ from ..errors import (
     IncompleteStoreError,
     InputError,
     StoreError,
+    StoreMismatchError,
+    StoreNotFoundError,
 )
 from ..plan import TilePlan
 from ..spec import CDEQSpec, DEQSpec, spec_from_dict
@@ -57,9 +69,18 @@ from .chunkio import (
     aligned_empty,
     cast_and_mirror,
     crc32,
-    write_file,
 )
 from .identity import aux_digest, identity_digest, store_identity, tile_digest
+from .ledger import (
+    LEDGER_FIELDS,
+    RECORD_BYTES,
+    RECORDS,
+    ArrayLedger,
+    RecordLedger,
+    combined_checksum,
+)
+from .location import Location
+from .shards import ShardGeometry, fill_shards
 
 __all__ = [
     "KERNEL_FORMAT",
@@ -72,23 +93,15 @@ __all__ = [
 ]
 
 KERNEL_FORMAT = "deqntk-kernel-store"
-KERNEL_FORMAT_VERSION = 1
+#: The layout new stores get (2: one shard per tile, one ledger record per tile); layout 1
+#: (one chunk per tile, a ledger file per field and tile half) is read, resumed and
+#: verified, and ``deqntk migrate`` rewrites it as layout 2.
+KERNEL_FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
 KERNEL_NAMES = ("ntk", "nngp")
 DTYPES = ("float32", "float64")
-#: ledger field -> (dtype, fill value); ``done`` is written last.  ``identity`` (the tile's
-#: :func:`~.identity.tile_digest`, 0 = written without one) is absent from stores made
-#: before it was introduced.
 #: Write errors that retrying cannot fix: reported at once, without dask's logs.
 FATAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
-LEDGER_FIELDS: dict[str, tuple[str, Any]] = {
-    "checksum": ("uint32", 0),
-    "max_residual": ("float64", math.nan),
-    "iterations": ("int32", -1),
-    "seconds": ("float64", math.nan),
-    "finished": ("float64", math.nan),
-    "identity": ("uint64", 0),
-    "done": ("bool", False),
-}
 #: rows per chunk of the auxiliary per-example arrays
 AUX_ROWS = 1024
 #: per aux row chunk: array -> (dtype, fill value); ``self_cov_done`` is written last.
@@ -122,8 +135,9 @@ class KernelStore:
         Malformed attrs.
     """
 
-    def __init__(self, path: Path, root: zarr.Group, *, writable: bool):
-        self.path = str(path)
+    def __init__(self, path, root: zarr.Group, *, writable: bool):
+        self.loc = Location.parse(path)
+        self.path = str(self.loc)
         self._root = root
         self.writable = writable
         attrs = dict(root.attrs)
@@ -140,6 +154,12 @@ class KernelStore:
             self.kernels = tuple(attrs["kernels"])
             self.options = dict(attrs.get("options") or {})
             self.plan = TilePlan(n=self.n, tile=self.tile)
+            self.format_version = int(attrs.get("format_version", 1))
+            if self.format_version not in FORMAT_VERSIONS:
+                raise ValueError(f"format_version must be one of {FORMAT_VERSIONS}")
+            self.geometry: ShardGeometry | None = None
+            if self.format_version >= 2:
+                self.geometry = ShardGeometry(self.tile, int(attrs["chunk"]), self.dtype)
         except (DeqntkError, KeyError, TypeError, ValueError) as exc:
             raise StoreError(
                 f"kernel store attrs are malformed ({path}/zarr.json): {type(exc).__name__}: {exc}"
@@ -148,6 +168,7 @@ class KernelStore:
         #: what every tile must have been computed under (:mod:`.identity`)
         self.identity = store_identity(attrs)
         self.identity_digest = identity_digest(self.identity)
+        self._ledger_impl = RecordLedger(self) if self.format_version >= 2 else ArrayLedger(self)
 
     def __repr__(self) -> str:
         return (
@@ -183,12 +204,11 @@ class KernelStore:
 
     def has(self, key: str) -> bool:
         """Whether array or group ``key`` exists (metadata file present)."""
-        if isinstance(self._root.store, zarr.storage.LocalStore):
-            return (Path(self.path) / key / "zarr.json").exists()
-        return key in self._root
+        return self.loc.exists(f"{key}/zarr.json")
 
     def to_dask(self, name: str):
-        """``name`` as a ``dask.array`` with one block per tile (lazy, read on compute)."""
+        """``name`` as a ``dask.array`` with one block per chunk (a tile in layout 1, an
+        inner chunk in layout 2; lazy, read on compute)."""
         import dask.array as da
 
         return da.from_zarr(self.array(name))
@@ -209,7 +229,7 @@ class KernelStore:
         c0, c1 = _slice_range("cols", cols, self.n)
         if check and r1 > r0 and c1 > c0:
             t = self.tile
-            done = self._ledger("done")[r0 // t : -(-r1 // t), c0 // t : -(-c1 // t)]
+            done = self._ledger_impl.done_grid()[r0 // t : -(-r1 // t), c0 // t : -(-c1 // t)]
             if not done.all():
                 bi, bj = np.argwhere(~done)[0]
                 raise IncompleteStoreError(
@@ -259,24 +279,26 @@ class KernelStore:
 
     # ------------------------------------------------------------------------- ledger
     def _ledger(self, field: str) -> np.ndarray:
-        arr = self._node(f"ledger/{field}")
-        nb = self.plan.n_blocks
-        if tuple(arr.shape) != (nb, nb):
-            raise StoreError(
-                f"{self.path}: ledger/{field} has shape {tuple(arr.shape)}, but the attrs (n = "
-                f"{self.n}, tile = {self.tile}) give a {nb} x {nb} tile grid: the attrs or the "
-                "ledger were changed"
-            )
-        return np.asarray(arr[...])
+        """Ledger ``field`` on the (nb, nb) tile grid (both halves of every tile)."""
+        return self._ledger_impl.grid(field)
 
     def ledger_fields(self) -> tuple[str, ...]:
         """The ledger fields this store has (``identity`` is missing from older stores until
         a resume adds it; checked on every call, as another process may add it)."""
-        return tuple(f for f in LEDGER_FIELDS if f != "identity" or self.has("ledger/identity"))
+        return self._ledger_impl.fields()
 
     def ledger(self) -> dict[str, np.ndarray]:
-        """All ledger arrays, each of shape (nb, nb) on the tile grid."""
+        """All ledger fields, each of shape (nb, nb) on the tile grid (in layout 2,
+        ``checksum`` is 0: its records keep one checksum per kernel, see :meth:`record`)."""
+        if isinstance(self._ledger_impl, RecordLedger):
+            return self._ledger_impl.grids()
         return {f: self._ledger(f) for f in self.ledger_fields()}
+
+    def record(self, i: int, j: int) -> dict | None:
+        """Layout 2: the ledger record of tile (i, j) (None: not done, or malformed)."""
+        if not isinstance(self._ledger_impl, RecordLedger):
+            raise StoreError(f"{self.path}: layout {self.format_version} has no tile records")
+        return self._ledger_impl.record(i, j)
 
     def tile_digest(self, i: int, j: int) -> int:
         """The identity digest tile ``(i, j)`` must carry in ``ledger/identity``."""
@@ -300,20 +322,17 @@ class KernelStore:
         return foreign, legacy
 
     def ledger_entry_exists(self, field: str, bi: int, bj: int) -> bool | None:
-        """Whether entry (bi, bj) of ``ledger/field`` was written (its chunk file exists);
-        None where the layout does not tell (not a local uncompressed store)."""
-        name = f"ledger/{field}"
-        if not self._raw_chunks(name):
-            return None
-        return self.chunk_path(name, bi, bj).exists()
+        """Whether entry (bi, bj) of ``ledger/field`` (layout 2: the tile's record) was
+        written; None where the layout does not tell (not an uncompressed store)."""
+        return self._ledger_impl.entry_exists(field, bi, bj)
 
-    def chunk_path(self, name: str, *index: int) -> Path:
-        """File of chunk ``index`` of array ``name`` (local store, "/" chunk keys)."""
-        return Path(self.path, name, "c", *map(str, index))
+    def chunk_key(self, name: str, *index: int) -> str:
+        """Key of chunk (layout 2: shard) ``index`` of array ``name`` ("/" chunk keys)."""
+        return "/".join((name, "c", *map(str, index)))
 
     def missing_tiles(self) -> list[tuple[int, int]]:
         """Upper-triangle tiles ``(I, J)`` not marked done, in plan order."""
-        done = self._ledger("done")
+        done = self._ledger_impl.done_grid()
         return [(i, j) for i, j in self.plan.tiles() if not done[i, j]]
 
     def is_complete(self) -> bool:
@@ -375,31 +394,27 @@ class KernelStore:
             raise StoreError(f"kernel store opened read-only: {self.path}")
 
     def check_writable(self) -> None:
-        """Create and delete a probe file wherever a resume writes (the store directory,
-        the kernel arrays, the ledger, the leases, the self-covariances), so a read-only or
-        full filesystem is reported before any work starts.
+        """Create and delete a probe wherever a resume writes (the store, the kernel arrays,
+        the ledger, the leases, the self-covariances), so a read-only or full filesystem (or
+        a bucket without write access) is reported before any work starts.
 
         Raises
         ------
         StoreError
         """
         self._require_writable()
-        keys = ["", *self.kernels, "ledger/done", "leases", "aux/self_cov"]
+        keys = ["", *self.kernels, "ledger", "ledger/done", "leases", "aux/self_cov"]
         for key in keys:
-            d = Path(self.path, key)
-            if key and not d.is_dir():
+            if key and not self.loc.exists(key):
                 continue
-            probe = d / f".deqntk-probe-{uuid.uuid4().hex[:12]}"
+            probe = f"{key}/.deqntk-probe-{uuid.uuid4().hex[:12]}".lstrip("/")
             try:
-                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    os.write(fd, b"\0")
-                finally:
-                    os.close(fd)
-                    probe.unlink()
+                self.loc.put(probe, b"\0")
+                self.loc.delete(probe)
             except OSError as exc:
                 raise StoreError(
-                    f"kernel store {self.path} is not writable ({exc.strerror or exc} in {d})"
+                    f"kernel store {self.path} is not writable ({exc.strerror or exc} in "
+                    f"{self.loc.child(key) if key else self.loc})"
                 ) from exc
 
     def invalidate(self, *, tiles=(), aux_chunks=()) -> None:
@@ -407,32 +422,32 @@ class KernelStore:
         not done, so that ``compute`` runs them again."""
         self._require_writable()
         for i, j in tiles:
-            self._put_ledger("done", i, j, False)  # the upper half decides: missing at once
-            if i != j:
-                self._put_ledger("done", j, i, False)
+            self._ledger_impl.invalidate(i, j)
         for k in aux_chunks:
             self._root["aux/self_cov_done"][k] = False
 
     def tile_done(self, i: int, j: int) -> bool:
-        """Whether tile ``(i, j)`` is marked done now (one ledger entry read)."""
-        name = "ledger/done"
-        if self._raw_chunks(name):  # the one-byte chunk file, without zarr's machinery
-            try:
-                with open(self.chunk_path(name, i, j), "rb") as f:
-                    return f.read(1) not in (b"", b"\0")
-            except FileNotFoundError:
-                return False
-        return bool(self._node(name)[i, j])
+        """Whether tile ``(i, j)`` is marked done now (one ledger entry or record read)."""
+        return self._ledger_impl.tile_done(i, j)
 
     def ledger_entry(self, field: str, i: int, j: int):
-        """One ledger value of tile ``(i, j)`` (a single chunk read)."""
+        """One ledger value of tile ``(i, j)`` (a single chunk or record read)."""
+        if isinstance(self._ledger_impl, RecordLedger):
+            rec = self._ledger_impl.record(i, j)
+            if rec is None:
+                return LEDGER_FIELDS[field][1]
+            if field == "done":
+                return True
+            if field == "checksum":
+                return combined_checksum(rec, upper=i <= j)
+            return rec[field]
         return self._node(f"ledger/{field}")[i, j]
 
     def add_missing_arrays(self) -> list[str]:
         """Add the arrays introduced since this store was made (identity ledger, aux
         checksums, leases); returns their names.  See :func:`add_missing_arrays`."""
         self._require_writable()
-        return add_missing_arrays(self._root, self.plan)
+        return add_missing_arrays(self._root, self.plan, self.format_version, self.loc)
 
     def write_tile(
         self,
@@ -443,6 +458,8 @@ class KernelStore:
         max_residual: float,
         iterations: int,
         seconds: float,
+        finished: float | None = None,
+        identity: int | None = None,
     ) -> dict[str, int]:
         """Write tile ``(i, j)`` (``i <= j``), its mirror, then its ledger entries.
 
@@ -453,17 +470,20 @@ class KernelStore:
         values : dict
             Kernel name -> float32 or float64 ndarray of shape (rows of block i, rows of
             block j); every kernel of the store must be present.  Values are rounded to the
-            store dtype like ``astype``; an aligned C-contiguous block already in the store
-            dtype is written without a copy.
+            store dtype like ``astype``; in layout 1 an aligned C-contiguous block already
+            in the store dtype is written without a copy.
         max_residual, iterations, seconds : float, int, float
             Convergence report and compute time, recorded in the ledger.
+        finished, identity : float, int, optional
+            When the tile was finished (default now) and its identity digest (default
+            :meth:`tile_digest`); a migration keeps the ones the tile was written with.
 
         Returns
         -------
         dict
             ``{"checksum": crc of chunk (i, j), "mirror_checksum": crc of chunk (j, i),
-            "identity": the tile's identity digest}`` (the crc32 over all kernels' chunks, in
-            ``kernels`` order).
+            "identity": the tile's identity digest}`` (layout 1: the crc32 over all
+            kernels' chunks, in ``kernels`` order; layout 2: over all kernels' shards).
         """
         self._require_writable()
         if not 0 <= i <= j < self.plan.n_blocks:
@@ -472,14 +492,134 @@ class KernelStore:
             )
         r0, r1 = self.plan.bounds(i)
         c0, c1 = self.plan.bounds(j)
+        for name in self.kernels:
+            if values[name].shape != (r1 - r0, c1 - c0):
+                raise InputError(
+                    f"tile ({i}, {j}) {name} must have shape {(r1 - r0, c1 - c0)}, "
+                    f"got {values[name].shape}"
+                )
+        write = self._write_shards if self.geometry is not None else self._write_chunks
+        sums = write(i, j, values)
+        digest = self.tile_digest(i, j) if identity is None else int(identity)
+        finished = time.time() if finished is None else float(finished)
+        if isinstance(self._ledger_impl, RecordLedger):
+            rec = {
+                "v": 1,
+                "tile": [i, j],
+                "rows": [r0, r1],
+                "cols": [c0, c1],
+                "checksums": {k: list(v) for k, v in sums.items()},
+                "max_residual": float(max_residual),
+                "iterations": int(iterations),
+                "seconds": float(seconds),
+                "finished": finished,
+                "identity": digest,
+            }
+            self._ledger_impl.write(i, j, rec)  # after the data: the tile is done
+            crc = combined_checksum(rec, upper=True)
+            crc_m = combined_checksum(rec, upper=False)
+        else:
+            crc, crc_m = sums["*"]
+            self._ledger_impl.write(
+                i,
+                j,
+                {
+                    "checksum": (crc, crc_m),
+                    "max_residual": (max_residual, max_residual),
+                    "iterations": (iterations, iterations),
+                    "seconds": (seconds, seconds),
+                    "finished": (finished, finished),
+                    "identity": (digest, digest),
+                    "done": (True, True),
+                },
+            )
+        return {"checksum": int(crc), "mirror_checksum": int(crc_m), "identity": digest}
+
+    def shard_layout_problem(self, name: str) -> str | None:
+        """Layout 2: why array ``name``'s zarr metadata is not the sharded layout the attrs
+        give (shard = tile, inner chunk = ``chunk``, uncompressed little-endian values,
+        index with crc32c at the end), or None when it is."""
+        geom = self.geometry
+        assert geom is not None
+        key = ("_layout", name)
+        if key not in self.__dict__:
+            arr = self.array(name)
+            codecs = getattr(arr.metadata, "codecs", ())
+            sh = codecs[0] if len(codecs) == 1 else None
+            want_shape = (geom.chunk, geom.chunk)
+            problem = None
+            if tuple(arr.shape) != (self.n, self.n) or arr.shards != (self.tile, self.tile):
+                problem = (
+                    f"array {name!r} has shape {tuple(arr.shape)} and shards {arr.shards}, the "
+                    f"attrs give ({self.n}, {self.n}) and tile {self.tile}"
+                )
+            elif (
+                type(sh).__name__ != "ShardingCodec"
+                or tuple(sh.chunk_shape) != want_shape
+                or [type(c).__name__ for c in sh.codecs] != ["BytesCodec"]
+                or [type(c).__name__ for c in sh.index_codecs] != ["BytesCodec", "Crc32cCodec"]
+                or str(getattr(sh.index_location, "value", sh.index_location)) != "end"
+                or any(
+                    str(getattr(c.endian, "value", c.endian)) != "little"
+                    for c in (sh.codecs[0], sh.index_codecs[0])
+                )
+                or arr.dtype != self.dtype
+            ):
+                problem = (
+                    f"array {name!r} is not sharded as layout 2 requires (inner chunks "
+                    f"{want_shape}, bytes codec, crc32c index at the end, dtype "
+                    f"{self.dtype.name}): {name}/zarr.json was changed"
+                )
+            self.__dict__[key] = problem
+        return self.__dict__[key]
+
+    def _write_shards(self, i: int, j: int, values: dict) -> dict[str, tuple[int, int]]:
+        """Layout 2: each kernel's shard (i, j) and mirror shard (j, i), whole objects
+        written on I/O threads while the next one is built; returns their crc32s."""
+        geom = self.geometry
+        assert geom is not None
+        for name in self.kernels:
+            problem = self.shard_layout_problem(name)
+            if problem:
+                raise StoreMismatchError(f"{self.path}: {problem}")
+        sums = {}
+        pending = []
+        for name in self.kernels:
+            block = values[name]
+            rows, cols = block.shape
+            bufs = self.__dict__.setdefault("_shard_bufs", AlignedBuffers(keep=4))
+            shapes = {"up": (geom.nbytes(rows, cols),)}
+            if i != j:
+                shapes["lo"] = (geom.nbytes(cols, rows),)
+            b = bufs.get((name, rows, cols, i == j), shapes, np.uint8)
+            for w in pending:  # a buffer is reused only once its write is done
+                w.result()
+            pending = []
+            fill_shards(block, geom, b["up"], b.get("lo"))
+            pending.append(self._submit_object(self.chunk_key(name, i, j), b["up"]))
+            crc = crc32(memoryview(b["up"]))
+            crc_m = crc
+            if i != j:
+                pending.append(self._submit_object(self.chunk_key(name, j, i), b["lo"]))
+                crc_m = crc32(memoryview(b["lo"]))
+            sums[name] = (int(crc), int(crc_m))
+        for w in pending:
+            w.result()
+        return sums
+
+    def _submit_object(self, key: str, data: np.ndarray):
+        """Write object ``key`` whole on an I/O thread (direct I/O on local disks)."""
+        if "_direct" not in self.__dict__:
+            self.__dict__["_direct"] = _direct_io_enabled() and self.loc.is_local
+        direct = self.__dict__["_direct"] and data.nbytes >= DIRECT_MIN_BYTES
+        return _io_pool().submit(self.loc.put, key, data, direct=direct)
+
+    def _write_chunks(self, i: int, j: int, values: dict) -> dict[str, tuple[int, int]]:
+        """Layout 1: each kernel's chunk (i, j) and mirror chunk (j, i); returns
+        ``{"*": (crc over all chunks (i, j), crc over all chunks (j, i))}``."""
         crc = crc_m = 0
         for name in self.kernels:
             block = values[name]
-            if block.shape != (r1 - r0, c1 - c0):
-                raise InputError(
-                    f"tile ({i}, {j}) {name} must have shape {(r1 - r0, c1 - c0)}, "
-                    f"got {block.shape}"
-                )
             # a block already in the store dtype and aligned is written as it is
             ready = (
                 block.dtype == self.dtype
@@ -510,25 +650,7 @@ class KernelStore:
                     w.result()
         if i == j:
             crc_m = crc
-        digest = self.tile_digest(i, j)
-        entries = {
-            "checksum": (crc, crc_m),
-            "max_residual": (max_residual, max_residual),
-            "iterations": (iterations, iterations),
-            "seconds": (seconds, seconds),
-            "finished": (time.time(),) * 2,
-            "identity": (digest, digest),
-            "done": (True, True),
-        }
-        fields = self.ledger_fields()
-        # the data is in place: now the ledger, ``done`` last, the mirror's entry first
-        for field, (upper, lower) in entries.items():
-            if field not in fields:
-                continue
-            if i != j:
-                self._put_ledger(field, j, i, lower)
-            self._put_ledger(field, i, j, upper)
-        return {"checksum": int(crc), "mirror_checksum": int(crc_m), "identity": digest}
+        return {"*": (crc, crc_m)}
 
     def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Reused (up, lo) cast buffers for tiles of ``shape``."""
@@ -537,16 +659,15 @@ class KernelStore:
         return b["up"], b["lo"]
 
     def _raw_chunks(self, name: str) -> bool:
-        """Whether chunk ``name`` files are the raw little-endian C-order values (local store,
-        bytes codec only, "/" chunk keys), so whole chunks can be written without zarr."""
+        """Whether chunk ``name`` files are the raw little-endian C-order values (bytes codec
+        only, "/" chunk keys, no sharding), so whole chunks can be written without zarr."""
         key = ("_raw", name)
         if key not in self.__dict__:
             meta = self._root[name].metadata
             codecs = getattr(meta, "codecs", ())
             enc = getattr(meta, "chunk_key_encoding", None)
             self.__dict__[key] = (
-                isinstance(self._root.store, zarr.storage.LocalStore)
-                and len(codecs) == 1
+                len(codecs) == 1
                 and type(codecs[0]).__name__ == "BytesCodec"
                 and (
                     str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
@@ -558,20 +679,10 @@ class KernelStore:
             )
         return self.__dict__[key]
 
-    def _put_ledger(self, field: str, bi: int, bj: int, value) -> None:
-        """Ledger entry (bi, bj) of ``field``: its one-element chunk file (the bytes zarr
-        writes) where the layout allows, else through zarr."""
-        name = f"ledger/{field}"
-        if not self._raw_chunks(name):
-            self._root[name][bi, bj] = value
-            return
-        item = np.array([value], dtype=np.dtype(LEDGER_FIELDS[field][0]).newbyteorder("<"))
-        self._write_chunk_file(name, bi, bj, item, direct=False)
-
     def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, *, slot: int = 0) -> None:
         """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.
 
-        Uncompressed local chunks are written directly (exactly the bytes zarr writes: the
+        Uncompressed chunks are written directly (exactly the bytes zarr writes: the
         values, edge chunks padded with the NaN fill value), which is ~2x faster than a zarr
         write of the same chunk; anything else goes through zarr.
         """
@@ -590,11 +701,9 @@ class KernelStore:
             full[: r1 - r0, : c1 - c0] = data
             data = full
         if "_direct" not in self.__dict__:
-            self.__dict__["_direct"] = _direct_io_enabled()
-        direct = self.__dict__["_direct"]
-        used = self._write_chunk_file(name, bi, bj, np.ascontiguousarray(data), direct=direct)
-        if direct and not used and data.nbytes >= DIRECT_MIN_BYTES:
-            self.__dict__["_direct"] = False  # not on this filesystem: stop trying
+            self.__dict__["_direct"] = _direct_io_enabled() and self.loc.is_local
+        direct = self.__dict__["_direct"] and data.nbytes >= DIRECT_MIN_BYTES
+        self.loc.put(self.chunk_key(name, bi, bj), np.ascontiguousarray(data), direct=direct)
 
     def _submit_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, slot: int):
         """:meth:`_put_chunk` on an I/O thread for raw chunk files (returns its future),
@@ -603,23 +712,6 @@ class KernelStore:
             self._put_chunk(name, bi, bj, data)
             return None
         return _io_pool().submit(self._put_chunk, name, bi, bj, data, slot=slot)
-
-    def _write_chunk_file(
-        self, name: str, bi: int, bj: int, data: np.ndarray, *, direct: bool
-    ) -> bool:
-        """Replace chunk file (bi, bj) of array ``name`` whole: a temp file beside it, then
-        an atomic rename, so a reader never sees part of a chunk.  Returns whether direct
-        I/O was used (:func:`write_file`)."""
-        path = Path(self.path) / name / "c" / str(bi) / str(bj)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-        try:
-            used = write_file(tmp, data, direct=direct)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return used
 
     def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""
@@ -693,24 +785,30 @@ def _slice_range(name: str, s: slice, n: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-def _open_group(path: Path, *, writable: bool) -> zarr.Group:
-    if not path.exists():
-        raise StoreError(f"kernel store not found: {path}")
+def _open_group(loc: Location, *, writable: bool) -> zarr.Group:
+    if not loc.exists("zarr.json"):
+        if not loc.exists():
+            raise StoreNotFoundError(f"kernel store not found: {loc}")
+        raise StoreError(f"not a zarr group (kernel store expected; no zarr.json): {loc}")
     try:
-        root = zarr.open_group(str(path), mode="r+" if writable else "r")
+        root = zarr.open_group(
+            store=loc.zarr_store(read_only=not writable), mode="r+" if writable else "r"
+        )
     except Exception as exc:
-        raise StoreError(f"not a zarr group (kernel store expected): {path}: {exc}") from exc
+        raise StoreError(f"not a zarr group (kernel store expected): {loc}: {exc}") from exc
     fmt = root.attrs.get("format")
     if fmt != KERNEL_FORMAT:
         raise StoreError(
             f"not a deqntk kernel store (attrs['format'] must be {KERNEL_FORMAT!r}, "
-            f"got {fmt!r}): {path}"
+            f"got {fmt!r}): {loc}"
         )
-    version = int(root.attrs.get("format_version", -1))
-    if version > KERNEL_FORMAT_VERSION:
+    version = root.attrs.get("format_version", -1)
+    if version not in FORMAT_VERSIONS:
+        newer = isinstance(version, int) and version > KERNEL_FORMAT_VERSION
         raise StoreError(
-            f"kernel store format_version {version} is newer than this software supports "
-            f"({KERNEL_FORMAT_VERSION}): {path}"
+            f"kernel store format_version {version!r} is "
+            f"{'newer than this software supports' if newer else 'not one of'} "
+            f"({', '.join(map(str, FORMAT_VERSIONS))}): {loc}"
         )
     return root
 
@@ -718,18 +816,29 @@ def _open_group(path: Path, *, writable: bool) -> zarr.Group:
 def open_kernel_store(path, *, writable: bool = False) -> KernelStore:
     """Open a kernel store (read-only by default).
 
+    Parameters
+    ----------
+    path : str, os.PathLike or Location
+        A local path or a store URL (``s3://bucket/key.zarr``, any fsspec URL; credentials
+        and endpoint from the usual environment variables).
+
     Raises
     ------
+    StoreNotFoundError
+        Nothing at ``path``.
     StoreError
-        Missing path, not a kernel store, or a newer format version.
+        Not a kernel store, or a format version this software does not know.
     """
-    p = Path(path).absolute()
-    return KernelStore(p, _open_group(p, writable=writable), writable=writable)
+    loc = Location.parse(path)
+    return KernelStore(loc, _open_group(loc, writable=writable), writable=writable)
 
 
-def add_missing_arrays(root: zarr.Group, plan: TilePlan) -> list[str]:
+def add_missing_arrays(
+    root: zarr.Group, plan: TilePlan, version: int = KERNEL_FORMAT_VERSION, loc=None
+) -> list[str]:
     """Create the ledger, aux-checksum and lease arrays a store lacks (all of them for a new
-    store; those introduced since for a store made by older software).
+    store; those introduced since for a store made by older software).  Layout 2 has one
+    ledger array (``ledger/records``); leases are kept on local stores only.
 
     Returns
     -------
@@ -739,13 +848,22 @@ def add_missing_arrays(root: zarr.Group, plan: TilePlan) -> list[str]:
     added = []
     nb = plan.n_blocks
     ledger = root["ledger"] if "ledger" in root else root.create_group("ledger")
-    for field, (fdtype, fill) in LEDGER_FIELDS.items():
-        if field not in ledger:
+    if version >= 2:
+        if "records" not in ledger:
             ledger.create_array(
-                field, shape=(nb, nb), dtype=fdtype, chunks=(1, 1), fill_value=fill,
-                compressors=None,
+                "records", shape=(nb, nb, RECORD_BYTES), dtype="uint8",
+                chunks=(1, 1, RECORD_BYTES), fill_value=0, compressors=None,
+                chunk_key_encoding={"name": "default", "separator": "."},
             )  # fmt: skip
-            added.append(f"ledger/{field}")
+            added.append(RECORDS)
+    else:
+        for field, (fdtype, fill) in LEDGER_FIELDS.items():
+            if field not in ledger:
+                ledger.create_array(
+                    field, shape=(nb, nb), dtype=fdtype, chunks=(1, 1), fill_value=fill,
+                    compressors=None,
+                )  # fmt: skip
+                added.append(f"ledger/{field}")
     if "aux" in root:
         aux = root["aux"]
         chunks = aux["self_cov_done"].shape[0]
@@ -756,7 +874,7 @@ def add_missing_arrays(root: zarr.Group, plan: TilePlan) -> list[str]:
                     compressors=None,
                 )  # fmt: skip
                 added.append(f"aux/{name}")
-    if "leases" not in root:
+    if "leases" not in root and (loc is None or loc.is_local):
         root.create_array(
             "leases", shape=(nb, nb, LEASE_BYTES), dtype="uint8", chunks=(1, 1, LEASE_BYTES),
             fill_value=0, compressors=None,

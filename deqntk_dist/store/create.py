@@ -20,6 +20,7 @@ from .chunkio import crc32
 from .core import (
     AUX_ROWS,
     DTYPES,
+    FORMAT_VERSIONS,
     KERNEL_FORMAT,
     KERNEL_FORMAT_VERSION,
     KERNEL_NAMES,
@@ -31,14 +32,16 @@ from .core import (
     open_kernel_store,
 )
 from .identity import identity_digest, kernels_cover, normal_spec, store_identity, tile_digest
+from .location import Location
+from .shards import DEFAULT_CHUNK, inner_chunk
 
-__all__ = ["check_dataset_shape", "create_kernel_store"]
+__all__ = ["check_dataset_shape", "create_kernel_store", "make_kernel_store"]
 
 
-def _expected_attrs(dataset: DatasetStore, spec, tile, dtype, kernels, options) -> dict:
+def _expected_attrs(dataset: DatasetStore, spec, tile, dtype, kernels, options, layout) -> dict:
     return {
         "format": KERNEL_FORMAT,
-        "format_version": KERNEL_FORMAT_VERSION,
+        "format_version": layout,
         "spec": spec.to_dict(),
         "dataset": {
             "path": dataset.path,
@@ -102,15 +105,19 @@ def create_kernel_store(
     kernels=("ntk",),
     options: dict | None = None,
     aux_rows: int = AUX_ROWS,
+    layout: int = KERNEL_FORMAT_VERSION,
+    chunk: int = DEFAULT_CHUNK,
 ) -> KernelStore:
     """Create a kernel store for ``dataset`` (or reopen a compatible existing one).
 
-    The empty layout (arrays, ledger, attrs) is built in a temporary directory and renamed
-    into place, so a store either exists completely or not at all.
+    On a local disk the empty layout (arrays, ledger, attrs) is built in a temporary
+    directory and renamed into place, so a store either exists completely or not at all; on
+    an object store the attrs that make it a kernel store are written last.
 
     Parameters
     ----------
-    path : str or Path
+    path : str, os.PathLike or Location
+        A local path or a store URL (``s3://bucket/ks.zarr``).
     dataset : DatasetStore
     spec : DEQSpec or CDEQSpec
     tile : int
@@ -121,6 +128,12 @@ def create_kernel_store(
         Kernel options passed to every tile (part of the store's identity).
     aux_rows : int
         Rows per chunk (and per task) of the CDEQ self-covariances.
+    layout : {1, 2}
+        Store layout (``format_version``): 2 (one shard and one ledger record per tile) or
+        1 (one chunk and 14 ledger files per tile; for comparisons and older readers).
+    chunk : int
+        Layout 2: side of the inner (consumer) chunks, at most this and a divisor of the
+        tile (:func:`~.shards.inner_chunk`).  An existing store keeps its own.
 
     Returns
     -------
@@ -135,6 +148,10 @@ def create_kernel_store(
     StoreError
         ``path`` exists but is not a kernel store, or cannot be written.
     """
+    if layout not in FORMAT_VERSIONS:
+        raise InputError(
+            f"layout must be one of {', '.join(map(str, FORMAT_VERSIONS))}, got {layout!r}"
+        )
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     kernels = tuple(kernels)
@@ -152,12 +169,16 @@ def create_kernel_store(
     check_dataset_shape(dataset, spec)
     asked = TilePlan(n=dataset.n, tile=tile).tile
     plan = TilePlan(n=dataset.n, tile=min(asked, dataset.n))  # one tile covers all rows
-    want = _expected_attrs(dataset, spec, plan.tile, dtype, kernels, options or {})
-    p = Path(path).absolute()
-    if p.exists():
-        return _reopen(p, want, asked)
-    if not p.parent.is_dir():
-        raise StoreError(f"parent directory of the kernel store does not exist: {p.parent}")
+    want = _expected_attrs(dataset, spec, plan.tile, dtype, kernels, options or {}, layout)
+    loc = Location.parse(path)
+    if loc.exists():
+        return _reopen(loc, want, asked)
+    if layout >= 2:
+        want["chunk"] = inner_chunk(plan.tile, chunk)
+    if loc.is_local and not Path(loc.url).parent.is_dir():
+        raise StoreError(
+            f"parent directory of the kernel store does not exist: {Path(loc.url).parent}"
+        )
     if isinstance(spec, CDEQSpec):
         pair_seconds = cdeq_pair_seconds(spec, dataset.feature_shape)
     else:
@@ -166,46 +187,38 @@ def create_kernel_store(
         plan.n,
         plan.tile,
         pair_seconds=pair_seconds,
-        files_per_tile=2 * (len(kernels) + len(LEDGER_FIELDS)),
+        files_per_tile=(
+            2 * len(kernels) + 1 if layout >= 2 else 2 * (len(kernels) + len(LEDGER_FIELDS))
+        ),
     )
+    aux_shape = tuple(dataset.x.shape[1:3]) if isinstance(spec, CDEQSpec) else None
+    return make_kernel_store(loc, plan, want, dataset.y, aux_shape, aux_rows, asked=asked)
+
+
+def make_kernel_store(
+    loc: Location,
+    plan: TilePlan,
+    want: dict,
+    labels: np.ndarray,
+    aux_shape: tuple[int, int] | None,
+    aux_rows: int = AUX_ROWS,
+    *,
+    asked: int | None = None,
+) -> KernelStore:
+    """Make the empty store ``want`` (validated attrs) at ``loc``, or reopen the one a
+    concurrent creator made there first; see :func:`create_kernel_store`."""
+    asked = plan.tile if asked is None else asked
+    if not loc.is_local:
+        try:
+            _build(loc, plan, want, labels, aux_shape, aux_rows)
+        except OSError as exc:
+            raise StoreError(f"cannot create kernel store at {loc}: {exc}") from exc
+        return open_kernel_store(loc, writable=True)
+    p = Path(loc.url)
     tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:12]}"
     raced = False
     try:
-        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        n = plan.n
-        for name in kernels:
-            root.create_array(
-                name,
-                shape=(n, n),
-                dtype=dtype,
-                chunks=(plan.tile, plan.tile),
-                compressors=None,
-                fill_value=math.nan,
-            )
-        labels = root.create_array("labels", shape=(n,), dtype="int64", chunks=(n,))
-        y = np.ascontiguousarray(dataset.y, dtype="<i8")
-        labels[...] = y
-        labels.attrs["crc32"] = crc32(memoryview(y).cast("B"))
-        if isinstance(spec, CDEQSpec):
-            aux = root.create_group("aux")
-            H, W = dataset.x.shape[1:3]
-            aux.create_array(
-                "self_cov",
-                shape=(n, H, W),
-                dtype="float64",
-                chunks=(aux_rows, H, W),
-                compressors=None,
-                fill_value=math.nan,
-            )
-            aux.create_array(
-                "self_cov_done",
-                shape=(-(-n // aux_rows),),
-                dtype="bool",
-                chunks=(1,),
-                fill_value=False,
-            )
-        add_missing_arrays(root, plan)
-        root.attrs.update(want)
+        _build(Location.parse(tmp), plan, want, labels, aux_shape, aux_rows)
         try:
             os.rename(tmp, p)
         except OSError:
@@ -218,12 +231,61 @@ def create_kernel_store(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if raced:
-        return _reopen(p, want, asked)
+        return _reopen(loc, want, asked)
     return open_kernel_store(p, writable=True)
 
 
-def _reopen(p: Path, want: dict, asked: int) -> KernelStore:
-    """Open the existing store at ``p`` for writing if its settings are ``want``'s."""
+def _build(
+    loc: Location,
+    plan: TilePlan,
+    want: dict,
+    labels: np.ndarray,
+    aux_shape: tuple[int, int] | None,
+    aux_rows: int,
+) -> None:
+    """The empty store at ``loc`` (attrs ``want``, ``labels`` (n,), CDEQ self-covariances of
+    ``aux_shape`` (H, W) per row); its attrs (what makes it a kernel store) last."""
+    root = zarr.open_group(store=loc.zarr_store(read_only=False), mode="w-", zarr_format=3)
+    n = plan.n
+    dtype = want["dtype"]
+    for name in want["kernels"]:
+        layout = (
+            {"chunks": (want["chunk"],) * 2, "shards": (plan.tile,) * 2}
+            if want["format_version"] >= 2
+            else {"chunks": (plan.tile, plan.tile)}
+        )
+        root.create_array(
+            name, shape=(n, n), dtype=dtype, compressors=None, fill_value=math.nan, **layout
+        )
+    arr = root.create_array("labels", shape=(n,), dtype="int64", chunks=(n,))
+    y = np.ascontiguousarray(labels, dtype="<i8")
+    arr[...] = y
+    arr.attrs["crc32"] = crc32(memoryview(y).cast("B"))
+    if aux_shape is not None:
+        aux = root.create_group("aux")
+        H, W = aux_shape
+        aux.create_array(
+            "self_cov",
+            shape=(n, H, W),
+            dtype="float64",
+            chunks=(aux_rows, H, W),
+            compressors=None,
+            fill_value=math.nan,
+        )
+        aux.create_array(
+            "self_cov_done",
+            shape=(-(-n // aux_rows),),
+            dtype="bool",
+            chunks=(1,),
+            fill_value=False,
+        )
+    add_missing_arrays(root, plan, want["format_version"], loc)
+    root.attrs.update(want)
+
+
+def _reopen(p: Location, want: dict, asked: int) -> KernelStore:
+    """Open the existing store at ``p`` for writing if its settings are ``want``'s (its
+    layout and chunk are its own)."""
     root = _open_group(p, writable=True)
     have = dict(root.attrs)
     n, old_tile = want["dataset"]["n"], have.get("tile")
@@ -244,11 +306,11 @@ def _reopen(p: Path, want: dict, asked: int) -> KernelStore:
     return KernelStore(p, root, writable=True)
 
 
-def _tiles_computed_under(p: Path, root: zarr.Group, want: dict) -> bool:
+def _tiles_computed_under(p: Location, root: zarr.Group, want: dict) -> bool:
     """Whether the store has finished tiles and all carry digests of ``want``'s identity."""
     try:
         ks = KernelStore(p, root, writable=False)
-        if ks.tile != want["tile"] or not ks.has("ledger/identity"):
+        if ks.tile != want["tile"] or "identity" not in ks.ledger_fields():
             return False
         done, ids = ks._ledger("done"), ks._ledger("identity")
         digest = identity_digest(store_identity(want))

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import StoreError
 from .core import FATAL_WRITE_ERRNOS, LEASE_BYTES
 
-__all__ = ["LeaseOwner", "TileLeases", "lease_ttl"]
+__all__ = ["LeaseOwner", "NoLeases", "TileLeases", "lease_ttl", "leases_for"]
 
 
 def lease_ttl() -> float:
@@ -253,3 +253,32 @@ class TileLeases:
                 self.renew()
             except Exception:  # pragma: no cover - never let the heartbeat die
                 pass
+
+
+class NoLeases:
+    """Leases on an object store: none.  Object stores give no exclusive create here, so
+    two jobs on one bucket store may compute a tile twice; they write the same bytes, each
+    shard and record a whole-object PUT, so no tile is lost or mixed."""
+
+    def acquire(self, i: int, j: int) -> tuple[bool, LeaseOwner | None]:
+        return True, None
+
+    def release(self, i: int, j: int) -> None:
+        pass
+
+    def release_all(self) -> None:
+        pass
+
+    def renew(self) -> None:
+        pass
+
+    def __enter__(self) -> NoLeases:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def leases_for(store) -> TileLeases | NoLeases:
+    """The tile leases of a kernel store: lease files on a local disk, none elsewhere."""
+    return TileLeases(store.loc.url) if store.loc.is_local else NoLeases()

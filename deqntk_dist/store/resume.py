@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -102,8 +101,8 @@ def _check_space(ks: KernelStore, say) -> None:
     missing = ks.missing_tiles()
     need = sum(1 if i == j else 2 for i, j in missing) * ks.tile**2 * ks.dtype.itemsize
     need *= len(ks.kernels)
-    free = shutil.disk_usage(ks.path).free
-    if need > free:
+    free = ks.loc.free_bytes()
+    if free is not None and need > free:
         say(
             f"deqntk: warning: {free / 1e9:.3g} GB free where {ks.path} is, the "
             f"{len(missing)} missing tiles need {need / 1e9:.3g} GB"

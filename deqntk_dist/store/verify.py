@@ -8,6 +8,7 @@ import numpy as np
 from ..errors import StoreError
 from .chunkio import crc32
 from .core import KernelStore, open_kernel_store
+from .shards import decode_shard
 
 __all__ = ["verify_kernel_store"]
 
@@ -54,7 +55,13 @@ def verify_kernel_store(path, *, notes: list[str] | None = None) -> list[str]:
         except Exception as exc:
             problems.append(f"kernel array {name!r} unreadable: {exc}")
             continue
-        if tuple(arr.shape) != (store.n, store.n) or tuple(arr.chunks) != (store.tile,) * 2:
+        if store.geometry is not None:
+            problem = store.shard_layout_problem(name)
+            if problem:
+                problems.append(problem)
+            else:
+                arrays[name] = arr
+        elif tuple(arr.shape) != (store.n, store.n) or tuple(arr.chunks) != (store.tile,) * 2:
             problems.append(
                 f"kernel array {name!r} has chunks {tuple(arr.chunks)}, but the attrs' tile is "
                 f"{store.tile} (shape {tuple(arr.shape)}, n = {store.n})"
@@ -84,6 +91,8 @@ def verify_kernel_store(path, *, notes: list[str] | None = None) -> list[str]:
     elif legacy:
         notes.append(f"{len(legacy)} tiles written without identity digests (older software)")
     plan = store.plan
+    if store.geometry is not None:
+        return problems + _verify_records(store, arrays)
     not_done = []
     for i, j in plan.tiles():
         done_u, done_l = bool(led["done"][i, j]), bool(led["done"][j, i])
@@ -97,6 +106,81 @@ def verify_kernel_store(path, *, notes: list[str] | None = None) -> list[str]:
         problems.extend(_verify_tile(store, arrays, i, j, led))
     if not_done:
         problems.append(f"{len(not_done)} of {plan.n_tiles} tiles not done: {_some(not_done)}")
+    return problems
+
+
+def _verify_records(store: KernelStore, arrays: dict) -> list[str]:
+    """Layout 2: every tile's record and its shards."""
+    problems: list[str] = []
+    records = store._ledger_impl.records()
+    not_done, orphans = [], []
+    for i, j in store.plan.tiles():
+        if (i, j) not in records:
+            not_done.append((i, j))
+            if any(store.loc.exists(store.chunk_key(k, i, j)) for k in store.kernels):
+                orphans.append((i, j))
+            continue
+        rec = records[i, j]
+        if rec is None:
+            not_done.append((i, j))
+            problems.append(f"tile ({i}, {j}): ledger record malformed (ledger/records)")
+            continue
+        if not (np.isfinite(rec["max_residual"]) and np.isfinite(rec["seconds"])):
+            problems.append(f"tile ({i}, {j}): done but residual/seconds missing in the ledger")
+        problems.extend(_verify_shards(store, arrays, i, j, rec))
+    if orphans:
+        problems.append(
+            f"{len(orphans)} tiles have data but no ledger record (a record deleted, or a "
+            f"writer stopped between the data and its record): {_some(orphans)}"
+        )
+    if not_done:
+        problems.append(
+            f"{len(not_done)} of {store.plan.n_tiles} tiles not done: {_some(not_done)}"
+        )
+    return problems
+
+
+def _verify_shards(store: KernelStore, arrays: dict, i: int, j: int, rec: dict) -> list[str]:
+    """Layout 2: both shards of tile (i, j) of every kernel: present, the recorded crc32,
+    the index the geometry gives, finite values, exact transposes."""
+    geom = store.geometry
+    assert geom is not None
+    r0, r1 = store.plan.bounds(i)
+    c0, c1 = store.plan.bounds(j)
+    problems = []
+    halves = [((i, j), (r1 - r0, c1 - c0))]
+    if i != j:
+        halves.append(((j, i), (c1 - c0, r1 - r0)))
+    for name in store.kernels:
+        if name not in arrays:
+            return problems  # reported once, above
+        sums = rec["checksums"].get(name)
+        if sums is None:
+            problems.append(f"tile ({i}, {j}) {name}: no checksum in its ledger record")
+            continue
+        vals = {}
+        for k, (t, (a, b)) in enumerate(halves):
+            key = store.chunk_key(name, *t)
+            what = f"tile ({i}, {j}) {name}" + (" (mirror)" if k else "")
+            raw = store.loc.get(key)
+            if raw is None:
+                problems.append(f"{what}: shard {key} missing")
+                continue
+            if crc32(raw) != sums[k]:
+                problems.append(f"{what}: checksum mismatch (shard {key} changed)")
+            try:
+                vals[t] = decode_shard(raw, geom, a, b)
+            except StoreError as exc:
+                problems.append(f"{what}: {key}: {exc}")
+        if len(vals) != len(halves):
+            continue
+        up = vals[i, j]
+        lo = vals[j, i] if i != j else up
+        if not np.isfinite(up).all() or not np.isfinite(lo).all():
+            problems.append(f"tile ({i}, {j}) {name}: non-finite values")
+        if not np.array_equal(up, lo.T):
+            what = "not exactly symmetric" if i == j else f"shard ({j}, {i}) is not its transpose"
+            problems.append(f"tile ({i}, {j}) {name}: {what}")
     return problems
 
 
@@ -172,8 +256,7 @@ def _verify_tile(store: KernelStore, arrays: dict, i: int, j: int, led: dict) ->
         if name not in arrays:
             return problems  # reported once, above
         for a, b in ((i, j), (j, i)):
-            path = store.chunk_path(name, a, b)
-            if store._raw_chunks(name) and not path.exists():
+            if store._raw_chunks(name) and not store.loc.exists(store.chunk_key(name, a, b)):
                 problems.append(f"tile ({i}, {j}) {name}: chunk file {name}/c/{a}/{b} missing")
                 return problems
         arr = arrays[name]
