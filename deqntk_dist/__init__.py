@@ -1,6 +1,5 @@
 """deqntk_dist: NTK / NNGP Gram matrices of infinitely deep equilibrium models, tiled on Dask."""
 
-from .dataset import open_dataset_store, write_dataset_store
 from .errors import (
     DatasetError,
     DeqntkError,
@@ -15,6 +14,7 @@ from .errors import (
 from .kernels import KernelResult, finite_depth_kernel, kernel_matrix, self_covariance
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
 from .store import open_kernel_store
+from .store.dataset import open_dataset_store, write_dataset_store
 
 __version__ = "0.1.0"
 

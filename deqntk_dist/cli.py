@@ -583,6 +583,13 @@ def _add_run(sub) -> None:
         help="directory for dataset.zarr, kernel.zarr, solve.json, report.json",
     )
     p.add_argument(
+        "--stores",
+        default=None,
+        help="put dataset.zarr and kernel.zarr here instead of in --workdir: a directory or "
+        "a store URL such as s3://bucket/job (endpoint and credentials from the AWS_* "
+        "environment variables)",
+    )
+    p.add_argument(
         "--solve-kernel",
         choices=("ntk", "nngp"),
         default="ntk",
@@ -645,6 +652,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         install=not args.no_install,
         progress=not args.no_progress,
+        stores=args.stores,
     )
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

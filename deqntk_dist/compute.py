@@ -26,7 +26,6 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import errors
-from .dataset import DatasetStore, open_dataset_store
 from .errors import DeqntkError, InputError, StoreError
 from .plan import cdeq_pair_seconds, choose_tile, tile_cap
 from .runtime import (
@@ -45,6 +44,7 @@ from .store import (
     open_kernel_store,
 )
 from .store.core import KERNEL_FORMAT_VERSION
+from .store.dataset import DatasetStore, open_dataset_store
 from .store.lease import NoLeases, TileLeases, leases_for
 from .store.location import Location
 from .store.resume import prepare_resume

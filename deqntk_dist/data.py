@@ -25,7 +25,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from .dataset import MAX_CLASSES, label_range_error
 from .errors import DatasetError
 from .safeload import (
     DECOMPRESSION_ERRORS,
@@ -43,6 +42,7 @@ from .safeload import (
     read_npz_arrays,
     skip_bytes,
 )
+from .store.dataset import MAX_CLASSES, label_range_error
 
 __all__ = [
     "DATASETS",
@@ -127,7 +127,7 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 def _check_labels(what: str, y, n_expected: int, *, n_classes: int | None = None) -> np.ndarray:
     """Labels as int64, or DatasetError: not 1-D integers, wrong count, or a label outside
-    ``[0, n_classes)`` (default :data:`~deqntk_dist.dataset.MAX_CLASSES`) naming its row."""
+    ``[0, n_classes)`` (default :data:`~deqntk_dist.store.dataset.MAX_CLASSES`) naming its row."""
     y = np.asarray(y)
     if y.ndim != 1:
         raise DatasetError(f"{what} must be one-dimensional, got shape {y.shape}")
@@ -603,7 +603,7 @@ def load_npz(source: str | os.PathLike) -> RawDataset:
 
     The keys (or file stems) are ``x_train, y_train, x_test, y_test``; or ``x, y`` with a
     scalar ``n_train`` (the first n_train rows train, the rest test, as read by
-    :func:`deqntk_dist.dataset.dataset_store_from_file`); or ``x, y`` alone for data
+    :func:`deqntk_dist.store.dataset.dataset_store_from_file`); or ``x, y`` alone for data
     without a test split (:func:`deqntk_dist.preprocess.select_rows` then draws a
     class-balanced test split with the seed). ``x`` is ``(n, d)``, ``(n, H, W)`` or
     ``(n, H, W, C)``; ``y`` integer labels in ``[0, MAX_CLASSES)``. Pickled objects are

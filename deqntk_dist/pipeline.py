@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from .data import DATASETS, load_dataset
-from .dataset import DatasetStore, open_dataset_store, write_dataset_store
 from .errors import DatasetWarning, InputError, StoreError, StoreMismatchError
 from .preprocess import PreprocessConfig, fit_preprocessing, select_rows
+from .store.dataset import DatasetStore, open_dataset_store, write_dataset_store
+from .store.location import Location
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -147,7 +148,7 @@ class PrepareResult:
     request: dict = field(default_factory=dict)
 
 
-def _stored_request(path: Path) -> dict | None:
+def _stored_request(path) -> dict | None:
     try:
         return open_dataset_store(path).attrs.get("source", {}).get("request")
     except StoreError:
@@ -195,7 +196,7 @@ def prepare_dataset(
 
     Parameters
     ----------
-    out : path
+    out : path or store URL
         Destination of the dataset store (zarr v3 group).
     request : PrepareRequest
     overwrite : bool
@@ -222,7 +223,7 @@ def prepare_dataset(
         ``out`` holds a store made with other parameters and ``overwrite`` is false.
     """
     t0 = time.perf_counter()
-    out = Path(out).absolute()
+    out = Location.parse(out, param="out")
     want = request.to_dict()
     if out.exists():
         have = _stored_request(out)
@@ -273,7 +274,7 @@ def prepare_dataset(
 
 # ---------------------------------------------------------------------------------------- run
 def _kernel_store_state(
-    path: Path, spec, dataset: DatasetStore, kernels, dtype, options=None
+    path: Location, spec, dataset: DatasetStore, kernels, dtype, options=None
 ) -> str:
     """``absent``, ``complete``, ``partial`` or ``mismatch`` (other spec, data, kernels,
     dtype or kernel options)."""
@@ -298,8 +299,16 @@ def _kernel_store_state(
     return "complete" if ks.is_complete() else "partial"
 
 
-def _remove(path: Path) -> None:
-    """Delete a stale store or file (renamed first, so a crash never leaves half of it)."""
+def _remove(path: Path | Location) -> None:
+    """Delete a stale store or file (renamed first on a local disk, so a crash never leaves
+    half of it; on an object store its root metadata goes first, so a crash leaves no
+    store that looks whole)."""
+    if isinstance(path, Location):
+        if not path.is_local:
+            path.delete("zarr.json")
+            path.delete_tree()
+            return
+        path = path.local_path
     if not path.exists():
         return
     trash = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -361,14 +370,15 @@ def run_pipeline(
     install: bool = True,
     progress: bool = True,
     log=None,
+    stores=None,
 ) -> dict[str, Any]:
     """prepare -> compute -> solve in ``workdir``, reusing finished stages; returns the report.
 
     Parameters
     ----------
     workdir : path
-        Created if missing; holds ``dataset.zarr``, ``kernel.zarr``, ``solve.json`` and
-        ``report.json``.
+        Created if missing; holds ``solve.json`` and ``report.json``, and ``dataset.zarr``
+        and ``kernel.zarr`` unless ``stores`` says otherwise.
     request : PrepareRequest
         Dataset, subset sizes and preprocessing (``layout`` must fit the spec: ``flat`` for
         a DEQSpec, ``image`` for a CDEQSpec or a DEQSpec with ``hflip``).
@@ -393,6 +403,8 @@ def run_pipeline(
         Progress bar of the compute stage.
     log : callable, optional
         Receives one-line progress messages (default: stderr).
+    stores : path or store URL, optional
+        Where ``dataset.zarr`` and ``kernel.zarr`` go instead (e.g. ``s3://bucket/job``).
 
     Returns
     -------
@@ -418,9 +430,10 @@ def run_pipeline(
         )
     work = Path(workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
+    where = Location.parse(work if stores is None else stores, param="stores")
     paths = {
-        "dataset_store": work / "dataset.zarr",
-        "kernel_store": work / "kernel.zarr",
+        "dataset_store": where.child("dataset.zarr"),
+        "kernel_store": where.child("kernel.zarr"),
         "solve_report": work / "solve.json",
         "report": work / "report.json",
     }
@@ -581,7 +594,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _solve(kernel_store: Path, kernel: str, lambdas, method: str) -> dict[str, Any]:
+def _solve(kernel_store, kernel: str, lambdas, method: str) -> dict[str, Any]:
     """Run the regression stage on a complete kernel store; its JSON report as a dict."""
     from .solve import solve_store
 

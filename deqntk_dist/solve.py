@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import MAX_CLASSES
 from .errors import (
     IncompleteStoreError,
     InputError,
@@ -56,6 +55,7 @@ from .linalg import (
     pcg,
     sym_matmul,
 )
+from .store.dataset import MAX_CLASSES
 
 __all__ = [
     "DEFAULT_RIDGES",
@@ -689,7 +689,7 @@ def solve_store(
     report.incomplete = bool(missing)
     failed = []
     if write_results:
-        from .results import write_results as write_version
+        from .store.results import write_results as write_version
 
         arrays = {
             "alpha": report.alpha,
@@ -736,7 +736,7 @@ class _GuardedArray:
 def _check_destinations(store_path: str, kernel: str, write_results: bool, report_path) -> None:
     """Refuse, before any work, destinations the results could not be written to."""
     if write_results:
-        from .results import prepare_results
+        from .store.results import prepare_results
 
         try:
             prepare_results(store_path, kernel)

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import DatasetStore, open_dataset_store
 from .errors import DeqntkError, StoreError, StoreMismatchError
 from .spec import CDEQSpec
 from .store import AlignedBuffers, KernelStore, open_kernel_store
 from .store.core import FATAL_WRITE_ERRNOS
+from .store.dataset import DatasetStore, open_dataset_store
 from .store.location import Location
 
 __all__ = [

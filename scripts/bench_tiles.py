@@ -11,10 +11,17 @@ written under ``--dir`` (default: a fresh directory in /tmp) and deleted unless 
 Throughput is counted in *distinct* Gram entries, ``N (N + 1) / 2`` for the store (the
 mirror halves are copies) and ``tile^2`` for an off-diagonal bare tile.
 
+With ``--layouts 1,2`` the store is computed in each layout in turn (``--rounds`` times,
+alternating, on the same cluster), and for each the script prints the wall time, the files
+written per tile and what a consumer pays to read a ``--band``-row band of the whole store
+with ``dask.array.from_zarr`` (bytes the process read, from /proc/self/io, and seconds,
+page cache dropped first when this runs as root).
+
 Example::
 
     python scripts/bench_tiles.py --n 20000 --what ntk --dtype float32
     python scripts/bench_tiles.py                      # the full 70k x 70k NTK store
+    python scripts/bench_tiles.py --layouts 1,2 --rounds 2   # layout 1 vs 2, same run
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ def _bare_on_worker(spec, dataset: str, tile: int, reps: int) -> list[float]:
     from threadpoolctl import threadpool_limits
 
     from deqntk_dist import kernel_matrix
-    from deqntk_dist.dataset import open_dataset_store
+    from deqntk_dist.store.dataset import open_dataset_store
 
     ds = open_dataset_store(dataset)
     A = ds.rows(0, tile).astype(np.float64)
@@ -131,6 +138,52 @@ class _null:
         return False
 
 
+def _read_bytes() -> int:
+    """Bytes this process has read through read(2) and friends (``rchar``)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def _drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def band_read(path: Path, name: str, rows: int, start: int) -> dict:
+    """A consumer reading rows [start, start + rows) of every column with dask (threads
+    of this process), as plain zarr sees the store."""
+    import dask
+    import dask.array as da
+    import zarr
+
+    arr = zarr.open_array(str(path / name), mode="r")
+    dropped = _drop_caches()
+    b0, t0 = _read_bytes(), time.perf_counter()
+    with dask.config.set(scheduler="threads"):
+        band = da.from_zarr(arr)[start : start + rows, :].compute()
+    secs = time.perf_counter() - t0
+    got = _read_bytes() - b0
+    assert np.isfinite(band).all()
+    return {
+        "band_rows": rows,
+        "band_bytes_needed": int(band.nbytes),
+        "band_bytes_read": got,
+        "band_read_amplification": got / band.nbytes,
+        "band_seconds": secs,
+        "page_cache_dropped": dropped,
+        "chunks": list(arr.chunks),
+    }
+
+
+def file_count(path: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
 def du(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -153,7 +206,13 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="where to write the stores (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the stores")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument(
+        "--layouts", default="2", help="store layouts to compute in turn, e.g. 1,2 (default 2)"
+    )
+    p.add_argument("--rounds", type=int, default=1, help="rounds of all layouts (default 1)")
+    p.add_argument("--band", type=int, default=512, help="rows of the consumer band read")
     args = p.parse_args(argv)
+    layouts = [int(v) for v in args.layouts.split(",")]
 
     import numba
     import psutil
@@ -217,21 +276,52 @@ def main(argv=None) -> int:
             # (the machine is shared): the bare tile kernel with no store around it
             bt_w = min(tile, args.n // 2)
             workers_bare_before = bare_on_workers(client, spec, ds.path, bt_w, args.bare_reps)
-            t3 = time.perf_counter()
-            rep = compute_kernel_store(
-                ds,
-                base / "kernel",
-                spec,
-                kernels=kernels,
-                tile=tile,
-                dtype=args.dtype,
-                client=client,
-            )
-            t4 = time.perf_counter()
+            runs = []
+            for r in range(args.rounds):
+                for layout in layouts:
+                    kdir = base / f"kernel-v{layout}"
+                    shutil.rmtree(kdir, ignore_errors=True)
+                    t3 = time.perf_counter()
+                    rep = compute_kernel_store(
+                        ds,
+                        kdir,
+                        spec,
+                        kernels=kernels,
+                        tile=tile,
+                        dtype=args.dtype,
+                        client=client,
+                        layout=layout,
+                    )
+                    t4 = time.perf_counter()
+                    n_tiles = rep.tiles_total
+                    run = {
+                        "layout": layout,
+                        "round": r,
+                        "compute_call_seconds": t4 - t3,
+                        "tile_phase_seconds": rep.seconds,
+                        "files": file_count(kdir),
+                        "files_per_tile": file_count(kdir) / n_tiles,
+                        **band_read(kdir, kernels[0], args.band, args.n // 2 - args.band // 2),
+                    }
+                    runs.append(run)
+                    print(f"layout {layout} round {r}: {json.dumps(run)}", file=sys.stderr)
+                    if not args.keep and (r < args.rounds - 1 or layout != layouts[-1]):
+                        shutil.rmtree(kdir, ignore_errors=True)
+            out["layout_runs"] = runs
+            for layout in layouts:
+                mine = [x for x in runs if x["layout"] == layout]
+                out[f"layout{layout}_compute_seconds_median"] = statistics.median(
+                    x["compute_call_seconds"] for x in mine
+                )
+            if len(layouts) > 1:
+                out["layout_time_ratio"] = (
+                    out[f"layout{layouts[-1]}_compute_seconds_median"]
+                    / out[f"layout{layouts[0]}_compute_seconds_median"]
+                )
             workers_bare_after = bare_on_workers(client, spec, ds.path, bt_w, args.bare_reps)
-            t5 = time.perf_counter()
         # end to end = cluster start + warm-up + the compute call + cluster shutdown
-        wall = (time.perf_counter() - t0) - (t3 - t2) - (t5 - t4)
+        # (with several layout runs: the last one, as if it had run alone)
+        wall = (t1 - t0) + (t2 - t1) + (t4 - t3)
         out["cluster_start_seconds"] = t1 - t0
         out["worker_warmup_seconds"] = t2 - t1
         out["compute_call_seconds"] = t4 - t3
@@ -246,7 +336,7 @@ def main(argv=None) -> int:
             distinct_entries_per_s=distinct / wall,
             distinct_entries_per_s_tile_phase=distinct / rep.seconds,
             bytes_written=rep.bytes_written,
-            bytes_on_disk=du(base / "kernel"),
+            bytes_on_disk=du(base / f"kernel-v{layouts[-1]}"),
             peak_rss_per_worker=sorted(rep.peak_rss.values()),
             worker_compute_seconds=rep.compute_seconds,
             worker_read_seconds=rep.read_seconds,
@@ -307,6 +397,23 @@ def main(argv=None) -> int:
         f"{out['cpu_efficiency']:.3f}; write phase {100 * out['write_cpu_fraction']:.1f}% "
         f"of worker CPU"
     )
+    for layout in layouts:
+        mine = [x for x in out["layout_runs"] if x["layout"] == layout]
+        times = ", ".join(f"{x['compute_call_seconds']:.1f}" for x in mine)
+        print(
+            f"layout {layout}: compute {times}"
+            f" s (median {out[f'layout{layout}_compute_seconds_median']:.1f} s), "
+            f"{mine[-1]['files']} files ({mine[-1]['files_per_tile']:.2f} per tile), "
+            f"chunks {tuple(mine[-1]['chunks'])}; {args.band}-row band: "
+            f"{mine[-1]['band_bytes_read'] / 1e6:.1f} MB read for "
+            f"{mine[-1]['band_bytes_needed'] / 1e6:.1f} MB "
+            f"({mine[-1]['band_read_amplification']:.2f}x) in {mine[-1]['band_seconds']:.2f} s"
+        )
+    if "layout_time_ratio" in out:
+        print(
+            f"layout {layouts[-1]} / layout {layouts[0]} compute time (medians): "
+            f"{out['layout_time_ratio']:.3f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -276,3 +276,36 @@ def test_multi_line_errors_become_one_line():
 
     exc = ValueError("store was made with different settings; delete it:\n  spec: a\n  tile: b")
     assert _one_line(exc) == "store was made with different settings; delete it: spec: a; tile: b"
+
+
+def test_two_compute_processes_on_one_store_share_the_work(tmp_path, rng):
+    """Two `deqntk compute` jobs started at once on one new store: both finish, the tiles
+    are split between them by the leases (no tile lost, none wrong), the store verifies."""
+    n, tile = 300, 20
+    x = rng.normal(size=(n, 12))
+    ds = write_dataset_store(tmp_path / "ds", x, rng.integers(0, 3, n), n_train=250, name="t")
+    store = str(tmp_path / "ks")
+    cmd = _cli(
+        "compute", ds.path, store, *SPEC_ARGS, "--tile", tile, "--workers", 1, "--no-progress"
+    )
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    n_tiles = 15 * 16 // 2
+    computed = []
+    for out, _ in outs:
+        m = re.search(r"computed (\d+) tiles", out)
+        assert m, out
+        computed.append(int(m.group(1)))
+    # together they computed every tile, and the second job did not redo the first's work
+    assert sum(computed) >= n_tiles and min(computed) < n_tiles, computed
+    ok = subprocess.run(_cli("verify", store), capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+    full = kernel_matrix(SPEC, x.astype(np.float32))
+    got = open_kernel_store(store)
+    np.testing.assert_array_equal(got.array("ntk")[...], full.ntk.astype(np.float32))
+    np.testing.assert_array_equal(got.array("nngp")[...], full.nngp.astype(np.float32))
+    assert not any(
+        p.is_file() for p in (tmp_path / "ks" / "leases").rglob("*") if p.name != "zarr.json"
+    )

@@ -5,8 +5,8 @@ import pytest
 import zarr
 
 from deqntk_dist import open_dataset_store, write_dataset_store
-from deqntk_dist.dataset import MAX_CLASSES, dataset_store_from_file
 from deqntk_dist.errors import DatasetError, StoreError
+from deqntk_dist.store.dataset import MAX_CLASSES, dataset_store_from_file
 
 
 def _data(rng, n=37, shape=(6,)):

@@ -16,11 +16,11 @@ import pytest
 
 from deqntk_dist import DEQSpec, kernel_matrix, open_kernel_store
 from deqntk_dist.cli import main
-from deqntk_dist.dataset import open_dataset_store
 from deqntk_dist.errors import DatasetError, DatasetWarning, InputError, StoreMismatchError
 from deqntk_dist.pipeline import PrepareRequest, prepare_dataset
 from deqntk_dist.preprocess import PreprocessConfig
-from deqntk_dist.results import read_results
+from deqntk_dist.store.dataset import open_dataset_store
+from deqntk_dist.store.results import read_results
 
 
 def blobs(rng, n, d=12, k=3, spread=0.6):

@@ -25,9 +25,9 @@ from deqntk_dist.linalg import (
     pcg,
     sym_matmul,
 )
-from deqntk_dist.results import read_results
 from deqntk_dist.solve import kernel_ridge, one_hot_targets, parse_memory, solve_store
 from deqntk_dist.store import create_kernel_store
+from deqntk_dist.store.results import read_results
 
 SPEC = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
 
@@ -320,7 +320,7 @@ _CRASH = """
 import os, sys
 import numpy as np
 import zarr
-import deqntk_dist.results as r
+import deqntk_dist.store.results as r
 
 store, step = sys.argv[1], sys.argv[2]
 
@@ -349,7 +349,7 @@ def test_results_are_old_or_new_whatever_step_a_crash_interrupts(tmp_path, step,
     import subprocess
     import sys
 
-    from deqntk_dist.results import write_results
+    from deqntk_dist.store.results import write_results
 
     store = tmp_path / "ks"
     zarr.open_group(str(store), mode="w")
@@ -371,7 +371,7 @@ def test_results_are_old_or_new_whatever_step_a_crash_interrupts(tmp_path, step,
 def test_results_written_before_versioning_are_read_then_replaced(tmp_path):
     """The older writer's layout (arrays in results/<kernel>, complete: true) and its hidden
     leftovers: read as they are, replaced and removed by the next write."""
-    from deqntk_dist.results import write_results
+    from deqntk_dist.store.results import write_results
 
     store = tmp_path / "ks"
     root = zarr.open_group(str(store), mode="w")
@@ -433,7 +433,7 @@ def test_solve_on_a_read_only_or_full_store_fails_first(tmp_path, rng, monkeypat
 def test_a_late_write_failure_keeps_the_result(tmp_path, rng, monkeypatch, capsys):
     import errno
 
-    import deqntk_dist.results as results_mod
+    import deqntk_dist.store.results as results_mod
 
     x, y = _data(rng, 150)
     ks = _make_store(tmp_path, x, y, 120, tile=64)

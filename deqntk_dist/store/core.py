@@ -30,7 +30,7 @@ Both layouts
                         (crc32), ``aux/self_cov_identity`` (digest), ``aux/self_cov_done``.
 ``leases``              (nb, nb, 256) uint8: tile leases of running ``compute`` jobs
                         (:mod:`.lease`; local stores); all zero when no job runs.
-``results/<kernel>``    written by ``solve`` (:mod:`deqntk_dist.results`).
+``results/<kernel>``    written by ``solve`` (:mod:`.results`).
 attrs                   ``format`` "deqntk-kernel-store", ``format_version`` (1 or 2),
                         ``chunk`` (layout 2), ``spec``,
                         ``dataset`` {path, fingerprint, n, n_train, name}, ``tile``, ``dtype``,
@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..dataset import DatasetStore, open_dataset_store
 from ..errors import (
     DeqntkError,
     IncompleteStoreError,
@@ -70,6 +69,7 @@ from .chunkio import (
     cast_and_mirror,
     crc32,
 )
+from .dataset import DatasetStore, open_dataset_store
 from .identity import aux_digest, identity_digest, store_identity, tile_digest
 from .ledger import (
     LEDGER_FIELDS,

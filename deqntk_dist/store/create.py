@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..dataset import DatasetStore
 from ..errors import InputError, StoreError, StoreMismatchError
 from ..plan import TilePlan, cdeq_pair_seconds, check_plan_size, fc_pair_seconds
 from ..spec import CDEQSpec, DEQSpec
@@ -31,6 +30,7 @@ from .core import (
     add_missing_arrays,
     open_kernel_store,
 )
+from .dataset import DatasetStore
 from .identity import identity_digest, kernels_cover, normal_spec, store_identity, tile_digest
 from .location import Location
 from .shards import DEFAULT_CHUNK, inner_chunk

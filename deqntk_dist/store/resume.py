@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..dataset import DatasetStore
 from ..errors import StoreError, StoreMismatchError
 from .chunkio import crc32
 from .core import KernelStore
+from .dataset import DatasetStore
 
 __all__ = ["MAX_CHUNK_BYTES", "prepare_resume"]
 

@@ -10,6 +10,10 @@ the previous results or the new ones, whatever step a crash interrupts; versions
 crash are deleted by the next write.  Stores written before versioning hold the arrays in
 ``results/<kernel>`` itself (attrs ``complete``, ``report``); they are read as they are and
 replaced at the next write.
+
+On an object store the same steps are whole-object PUTs: a version is claimed by creating
+``v<N>/.claim`` only if absent (a conditional PUT where the store has one), the pointer is
+one PUT of ``results/<kernel>/zarr.json``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import uuid
-from pathlib import Path
 
 import numpy as np
 import zarr
+
+from .location import Location
 
 __all__ = ["RESULTS_FORMAT", "read_results", "write_results"]
 
@@ -38,42 +42,55 @@ def _version_number(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _kernel_loc(store_path, kernel: str) -> Location:
+    return Location.parse(store_path).child(f"results/{kernel}")
+
+
+def _group(loc: Location, *, writable: bool = False) -> zarr.Group:
+    return zarr.open_group(store=loc.zarr_store(read_only=not writable), mode="r")
+
+
 def read_results(store_path, kernel: str) -> zarr.Group | None:
     """The current results group of ``kernel`` in a kernel store (None when there is none).
 
     Follows ``results/<kernel>``'s ``current`` pointer; reads the layout written before
     versioning (arrays in ``results/<kernel>`` itself, ``complete: true``) as well.
     """
-    kdir = Path(store_path, "results", kernel)
-    if not (kdir / "zarr.json").exists():
+    kloc = _kernel_loc(store_path, kernel)
+    if not kloc.exists("zarr.json"):
         return None
-    g = zarr.open_group(str(kdir), mode="r")
+    g = _group(kloc)
     current = g.attrs.get("current")
     if current:
-        return zarr.open_group(str(kdir / current), mode="r")
+        return _group(kloc.child(str(current)))
     if g.attrs.get("complete") and "alpha" in g:
         return g
     return None
 
 
-def _ensure_group(path: Path) -> None:
-    if not (path / "zarr.json").exists():
-        zarr.open_group(str(path), mode="a", zarr_format=3)
+def _ensure_group(loc: Location) -> None:
+    if not loc.exists("zarr.json"):
+        zarr.open_group(store=loc.zarr_store(read_only=False), mode="a", zarr_format=3)
 
 
-def prepare_results(store_path, kernel: str) -> Path:
+def prepare_results(store_path, kernel: str) -> Location:
     """Create ``results/<kernel>`` if needed and check that a version can be written there
-    (a probe file); returns its directory.
+    (a probe file, synced on a local disk); returns its location.
 
     Raises
     ------
     OSError
         Read-only store, no permission, full disk.
     """
-    kdir = Path(store_path, "results", kernel)
-    _ensure_group(kdir.parent)
-    _ensure_group(kdir)
-    probe = kdir / f".probe-{uuid.uuid4().hex[:12]}"
+    kloc = _kernel_loc(store_path, kernel)
+    _ensure_group(kloc.parent)
+    _ensure_group(kloc)
+    name = f".probe-{uuid.uuid4().hex[:12]}"
+    if not kloc.is_local:
+        kloc.put(name, b"\0")
+        kloc.delete(name)
+        return kloc
+    probe = kloc.local_path / name
     try:
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
@@ -82,25 +99,33 @@ def prepare_results(store_path, kernel: str) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             probe.unlink()
-    return kdir
+    return kloc
 
 
-def _new_version(kdir: Path) -> Path:
-    """Create (exclusively) the directory of the next version number."""
-    numbers = [_version_number(p.name) for p in kdir.iterdir()]
+def _versions(kloc: Location) -> list[str]:
+    return [n for n in kloc.list("", dirs=True) if _version_number(n) is not None]
+
+
+def _new_version(kloc: Location) -> str:
+    """Claim (exclusively) the next version number; returns its name."""
+    numbers = [_version_number(n) for n in _versions(kloc)]
     n = max([k for k in numbers if k is not None], default=0) + 1
     while True:
-        path = kdir / f"v{n}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:  # a concurrent write took it
-            n += 1
+        name = f"v{n}"
+        if kloc.is_local:
+            try:
+                (kloc.local_path / name).mkdir()
+                return name
+            except FileExistsError:  # a concurrent write took it
+                pass
+        elif kloc.put_if_absent(f"{name}/.claim", b"\0"):
+            return name
+        n += 1
 
 
-def _build_version(vdir: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write a complete results group into the (empty) version directory."""
-    g = zarr.open_group(str(vdir), mode="w", zarr_format=3)
+def _build_version(vloc: Location, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write a complete results group into the (empty) version."""
+    g = zarr.open_group(store=vloc.zarr_store(read_only=False), mode="w", zarr_format=3)
     for name, value in arrays.items():
         a = g.create_array(
             name,
@@ -113,11 +138,15 @@ def _build_version(vdir: Path, arrays: dict[str, np.ndarray], attrs: dict) -> No
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive ``flock`` on ``path`` (best effort where the filesystem has none)."""
+def _locked(kloc: Location):
+    """An exclusive ``flock`` on the parent group's zarr.json (local disks; best effort
+    where the filesystem has none, nothing on object stores)."""
+    if not kloc.is_local:
+        yield
+        return
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(kloc.parent.local_path / "zarr.json", os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -126,42 +155,35 @@ def _locked(path: Path):
         os.close(fd)  # releases the lock
 
 
-def _set_pointer(kdir: Path, name: str) -> bool:
-    """Point ``results/<kernel>`` at version ``name`` (one atomic rename of its zarr.json)
+def _set_pointer(kloc: Location, name: str) -> bool:
+    """Point ``results/<kernel>`` at version ``name`` (one atomic replace of its zarr.json)
     unless it already points at a newer version (a concurrent solve finished later).
 
     Returns whether the pointer now names ``name``.
     """
-    meta_path = kdir / "zarr.json"
-    with _locked(kdir.parent / "zarr.json"):
-        meta = json.loads(meta_path.read_text())
+    with _locked(kloc):
+        meta = json.loads(kloc.get("zarr.json") or b"{}")
         current = (meta.get("attributes") or {}).get("current")
         if current and (_version_number(current) or 0) > (_version_number(name) or 0):
             return False
         meta["attributes"] = {"format": RESULTS_FORMAT, "current": name}
-        tmp = kdir / f".zarr.json.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, meta_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        kloc.put("zarr.json", json.dumps(meta, indent=2).encode())
     return True
 
 
-def _cleanup(kdir: Path, kernel: str) -> None:
+def _cleanup(kloc: Location, kernel: str) -> None:
     """Delete what no reader can reach: versions below the current one, the arrays of the
     layout before versioning, and the hidden leftovers of the older writer."""
-    g = zarr.open_group(str(kdir), mode="r")
-    current = _version_number(str(g.attrs.get("current") or ""))
+    current = _version_number(str(_group(kloc).attrs.get("current") or ""))
     if current is None:
         return
-    for p in kdir.iterdir():
-        k = _version_number(p.name)
-        if (k is not None and k < current) or (p.name in RESULT_ARRAYS and p.is_dir()):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in kdir.parent.glob(f".{kernel}.*-*"):  # ``.<kernel>.tmp-…`` / ``.old-…``
-        shutil.rmtree(p, ignore_errors=True)
+    for name in kloc.list("", dirs=True):
+        k = _version_number(name)
+        if (k is not None and k < current) or (name in RESULT_ARRAYS and kloc.get(name) is None):
+            kloc.delete_tree(name)
+    if kloc.is_local:
+        for p in kloc.parent.local_path.glob(f".{kernel}.*-*"):  # ``.<kernel>.tmp-…`` / ``.old-…``
+            Location.parse(p).delete_tree()
 
 
 def write_results(store_path, kernel: str, arrays: dict[str, np.ndarray], attrs: dict) -> str:
@@ -169,7 +191,7 @@ def write_results(store_path, kernel: str, arrays: dict[str, np.ndarray], attrs:
 
     Parameters
     ----------
-    store_path : str or Path
+    store_path : str, os.PathLike or Location
         Kernel store.
     kernel : str
     arrays : dict
@@ -188,15 +210,15 @@ def write_results(store_path, kernel: str, arrays: dict[str, np.ndarray], attrs:
         The store cannot be written (what readers see is unchanged, unless the pointer
         was already replaced).
     """
-    kdir = prepare_results(store_path, kernel)
-    vdir = _new_version(kdir)
+    kloc = prepare_results(store_path, kernel)
+    name = _new_version(kloc)
     try:
-        _build_version(vdir, arrays, attrs)
-        if not _set_pointer(kdir, vdir.name):
-            shutil.rmtree(vdir, ignore_errors=True)  # superseded by a later solve
-            return vdir.name
+        _build_version(kloc.child(name), arrays, attrs)
+        if not _set_pointer(kloc, name):
+            kloc.delete_tree(name)  # superseded by a later solve
+            return name
     except BaseException:
-        shutil.rmtree(vdir, ignore_errors=True)
+        kloc.delete_tree(name)
         raise
-    _cleanup(kdir, kernel)
-    return vdir.name
+    _cleanup(kloc, kernel)
+    return name

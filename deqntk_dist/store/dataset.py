@@ -8,8 +8,10 @@ attrs  ``format`` ("deqntk-dataset"), ``format_version``, ``name``, ``n_train``,
        ``preprocessing`` (dict), ``source`` (dict), ``fingerprint`` (blake2b of shape, n_train,
        x bytes and y bytes).
 
-Train rows come first, then test rows.  A store is written to a temporary directory next to
-its destination and renamed into place, so it is never seen half-written.
+Train rows come first, then test rows.  On a local disk a store is written to a temporary
+directory next to its destination and renamed into place, so it is never seen half-written;
+on an object store (``s3://...``) its attrs, which make it a dataset store, are written
+last.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import DatasetError, StoreError
-from .safeload import NPZ_ERRORS, read_npy_files, read_npz_arrays
+from ..errors import DatasetError, StoreError, StoreNotFoundError
+from ..safeload import NPZ_ERRORS, read_npy_files, read_npz_arrays
+from .location import Location
 
 __all__ = [
     "DATASET_FORMAT",
@@ -170,8 +173,8 @@ def write_dataset_store(
 
     Parameters
     ----------
-    path : str or Path
-        Destination directory of the zarr group.
+    path : str, os.PathLike or Location
+        Destination of the zarr group: a local directory or a store URL.
     x : array_like, shape (N, D) or (N, H, W, C)
         Inputs, stored as float32 (train rows first, then test rows).
     y : array_like, shape (N,)
@@ -197,37 +200,23 @@ def write_dataset_store(
         ``path`` exists and ``overwrite`` is false, or it cannot be written.
     """
     x32, y64, n_train = _validate(x, y, n_train, name)
-    dest = Path(path).absolute()
-    if dest.exists() and not overwrite:
-        raise StoreError(f"dataset store path already exists (pass overwrite=True): {dest}")
+    loc = Location.parse(path, param="path")
+    if loc.exists() and not overwrite:
+        raise StoreError(f"dataset store path already exists (pass overwrite=True): {loc}")
+    attrs = _attrs(x32, y64, n_train, name, preprocessing, source)
+    if not loc.is_local:
+        try:
+            loc.delete_tree()
+            _build(loc, x32, y64, attrs)
+        except OSError as exc:
+            raise StoreError(f"cannot write dataset store {loc}: {exc}") from exc
+        return open_dataset_store(loc)
+    dest = loc.local_path
     if not dest.parent.is_dir():
         raise StoreError(f"parent directory of the dataset store does not exist: {dest.parent}")
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
-    attrs: dict[str, Any] = {
-        "format": DATASET_FORMAT,
-        "format_version": DATASET_FORMAT_VERSION,
-        "name": name,
-        "n_train": n_train,
-        "n_test": int(x32.shape[0] - n_train),
-        "preprocessing": dict(preprocessing or {}),
-        "source": dict(source or {}),
-        "fingerprint": dataset_fingerprint(x32, y64, n_train),
-    }
     try:
-        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        row_bytes = max(1, x32[:1].nbytes)
-        rows = int(max(1, min(x32.shape[0], _X_CHUNK_BYTES // row_bytes)))
-        xa = root.create_array(
-            "x",
-            shape=x32.shape,
-            dtype="float32",
-            chunks=(rows, *x32.shape[1:]),
-            compressors=None,
-        )
-        xa[...] = x32
-        ya = root.create_array("y", shape=y64.shape, dtype="int64", chunks=y64.shape)
-        ya[...] = y64
-        root.attrs.update(attrs)
+        _build(Location.parse(tmp), x32, y64, attrs)
         if dest.exists():
             trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:12]}"
             os.rename(dest, trash)
@@ -243,6 +232,33 @@ def write_dataset_store(
     return open_dataset_store(dest)
 
 
+def _attrs(x32, y64, n_train, name, preprocessing, source) -> dict[str, Any]:
+    return {
+        "format": DATASET_FORMAT,
+        "format_version": DATASET_FORMAT_VERSION,
+        "name": name,
+        "n_train": n_train,
+        "n_test": int(x32.shape[0] - n_train),
+        "preprocessing": dict(preprocessing or {}),
+        "source": dict(source or {}),
+        "fingerprint": dataset_fingerprint(x32, y64, n_train),
+    }
+
+
+def _build(loc: Location, x32: np.ndarray, y64: np.ndarray, attrs: dict) -> None:
+    """The arrays at ``loc``, then the attrs."""
+    root = zarr.open_group(store=loc.zarr_store(read_only=False), mode="w-", zarr_format=3)
+    row_bytes = max(1, x32[:1].nbytes)
+    rows = int(max(1, min(x32.shape[0], _X_CHUNK_BYTES // row_bytes)))
+    xa = root.create_array(
+        "x", shape=x32.shape, dtype="float32", chunks=(rows, *x32.shape[1:]), compressors=None
+    )
+    xa[...] = x32
+    ya = root.create_array("y", shape=y64.shape, dtype="int64", chunks=y64.shape)
+    ya[...] = y64
+    root.attrs.update(attrs)
+
+
 def open_dataset_store(path) -> DatasetStore:
     """Open a dataset store written by :func:`write_dataset_store`.
 
@@ -251,11 +267,13 @@ def open_dataset_store(path) -> DatasetStore:
     StoreError
         The path does not exist or is not a deqntk dataset store.
     """
-    p = Path(path).absolute()
-    if not p.exists():
-        raise StoreError(f"dataset store not found: {p}")
+    p = Location.parse(path, param="path")
+    if not p.exists("zarr.json"):
+        if not p.exists():
+            raise StoreNotFoundError(f"dataset store not found: {p}")
+        raise StoreError(f"not a zarr group (dataset store expected; no zarr.json): {p}")
     try:
-        root = zarr.open_group(str(p), mode="r")
+        root = zarr.open_group(store=p.zarr_store(read_only=True), mode="r")
     except Exception as exc:
         raise StoreError(f"not a zarr group (dataset store expected): {p}: {exc}") from exc
     attrs = dict(root.attrs)
