@@ -93,6 +93,16 @@ def test_sigkill_then_rerun_completes_exactly_the_missing_tiles(tmp_path, rng):
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
     st = subprocess.run(_cli("status", store), capture_output=True, text=True)
     assert st.returncode == 0 and f"{n_tiles}/{n_tiles} done" in st.stdout
+    # identical bytes: every shard file equals that of the same job run without a kill
+    ref = str(tmp_path / "ref")
+    plain = [ref if a == store else a for a in cmd]
+    assert subprocess.run(plain + ["--no-progress"], capture_output=True).returncode == 0
+    for name in ("ntk", "nngp"):
+        files = sorted(p for p in (tmp_path / "ref" / name / "c").rglob("*") if p.is_file())
+        assert len(files) == 25 * 25
+        for f in files:
+            rel = f.relative_to(tmp_path / "ref")
+            assert (tmp_path / "ks" / rel).read_bytes() == f.read_bytes(), rel
 
 
 def test_verify_status_and_errors_through_the_cli(tmp_path, rng):

@@ -1,8 +1,16 @@
-"""Kernel store: a symmetric N x N Gram in a zarr v3 group, with a per-tile ledger.
+"""Storage: everything that knows the on-disk (or in-bucket) layout of deqntk's stores.
 
-The package keeps the names of the former ``store`` module: :mod:`.core` (layout, reader
-API, tile writes, open), :mod:`.create`, :mod:`.chunkio` (checksums, aligned buffers,
-direct-I/O chunk files), :mod:`.identity` (identity digests) and :mod:`.verify`.
+- :mod:`.location`: a store's place, a local path or a URL (``s3://...``), with whole-object
+  writes; every read and write below goes through it.
+- :mod:`.dataset`: the dataset store (input rows, labels, fingerprint).
+- :mod:`.core`: the kernel store (layouts 1 and 2, reader API, tile writes, open);
+  :mod:`.create`; :mod:`.shards` (layout-2 shard bytes); :mod:`.ledger` (per-tile ledger,
+  both layouts); :mod:`.chunkio` (checksums, aligned buffers, direct I/O);
+  :mod:`.identity` (identity digests, the one kernels rule); :mod:`.lease` (tile leases);
+  :mod:`.resume`; :mod:`.verify`; :mod:`.migrate` (layout 1 -> 2).
+- :mod:`.results`: the solver's results group inside a kernel store.
+
+Nothing outside this package writes zarr.
 """
 
 from .chunkio import (
@@ -27,6 +35,7 @@ from .core import (
     open_kernel_store,
 )
 from .create import check_dataset_shape, create_kernel_store
+from .location import Location
 from .verify import verify_kernel_store
 
 __all__ = [
@@ -40,6 +49,7 @@ __all__ = [
     "LEDGER_FIELDS",
     "AlignedBuffers",
     "KernelStore",
+    "Location",
     "add_missing_arrays",
     "aligned_empty",
     "cast_and_mirror",

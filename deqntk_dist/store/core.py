@@ -53,20 +53,11 @@ from ..errors import (
     IncompleteStoreError,
     InputError,
     StoreError,
-    StoreMismatchError,
     StoreNotFoundError,
 )
 from ..plan import TilePlan
 from ..spec import CDEQSpec, DEQSpec, spec_from_dict
 from .chunkio import (
-    DIRECT_ALIGN,
-    DIRECT_MIN_BYTES,
-    AlignedBuffers,
-    _direct_io_enabled,
-    _io_pool,
-    _transpose_into,
-    aligned_empty,
-    cast_and_mirror,
     crc32,
 )
 from .dataset import DatasetStore, open_dataset_store
@@ -80,7 +71,8 @@ from .ledger import (
     combined_checksum,
 )
 from .location import Location
-from .shards import ShardGeometry, fill_shards
+from .shards import ShardGeometry
+from .tileio import TileIO
 
 __all__ = [
     "KERNEL_FORMAT",
@@ -120,7 +112,7 @@ def _software() -> dict[str, str]:
     return {"name": "deqntk_dist", "version": __version__}
 
 
-class KernelStore:
+class KernelStore(TileIO):
     """An opened kernel store: metadata, reader API and (when writable) tile writes.
 
     Use :func:`open_kernel_store` to read a store and :func:`create_kernel_store` to make
@@ -534,184 +526,6 @@ class KernelStore:
                 },
             )
         return {"checksum": int(crc), "mirror_checksum": int(crc_m), "identity": digest}
-
-    def shard_layout_problem(self, name: str) -> str | None:
-        """Layout 2: why array ``name``'s zarr metadata is not the sharded layout the attrs
-        give (shard = tile, inner chunk = ``chunk``, uncompressed little-endian values,
-        index with crc32c at the end), or None when it is."""
-        geom = self.geometry
-        assert geom is not None
-        key = ("_layout", name)
-        if key not in self.__dict__:
-            arr = self.array(name)
-            codecs = getattr(arr.metadata, "codecs", ())
-            sh = codecs[0] if len(codecs) == 1 else None
-            want_shape = (geom.chunk, geom.chunk)
-            problem = None
-            if tuple(arr.shape) != (self.n, self.n) or arr.shards != (self.tile, self.tile):
-                problem = (
-                    f"array {name!r} has shape {tuple(arr.shape)} and shards {arr.shards}, the "
-                    f"attrs give ({self.n}, {self.n}) and tile {self.tile}"
-                )
-            elif (
-                type(sh).__name__ != "ShardingCodec"
-                or tuple(sh.chunk_shape) != want_shape
-                or [type(c).__name__ for c in sh.codecs] != ["BytesCodec"]
-                or [type(c).__name__ for c in sh.index_codecs] != ["BytesCodec", "Crc32cCodec"]
-                or str(getattr(sh.index_location, "value", sh.index_location)) != "end"
-                or any(
-                    str(getattr(c.endian, "value", c.endian)) != "little"
-                    for c in (sh.codecs[0], sh.index_codecs[0])
-                )
-                or arr.dtype != self.dtype
-            ):
-                problem = (
-                    f"array {name!r} is not sharded as layout 2 requires (inner chunks "
-                    f"{want_shape}, bytes codec, crc32c index at the end, dtype "
-                    f"{self.dtype.name}): {name}/zarr.json was changed"
-                )
-            self.__dict__[key] = problem
-        return self.__dict__[key]
-
-    def _write_shards(self, i: int, j: int, values: dict) -> dict[str, tuple[int, int]]:
-        """Layout 2: each kernel's shard (i, j) and mirror shard (j, i), whole objects
-        written on I/O threads while the next one is built; returns their crc32s."""
-        geom = self.geometry
-        assert geom is not None
-        for name in self.kernels:
-            problem = self.shard_layout_problem(name)
-            if problem:
-                raise StoreMismatchError(f"{self.path}: {problem}")
-        sums = {}
-        pending = []
-        for name in self.kernels:
-            block = values[name]
-            rows, cols = block.shape
-            bufs = self.__dict__.setdefault("_shard_bufs", AlignedBuffers(keep=4))
-            shapes = {"up": (geom.nbytes(rows, cols),)}
-            if i != j:
-                shapes["lo"] = (geom.nbytes(cols, rows),)
-            b = bufs.get((name, rows, cols, i == j), shapes, np.uint8)
-            for w in pending:  # a buffer is reused only once its write is done
-                w.result()
-            pending = []
-            fill_shards(block, geom, b["up"], b.get("lo"))
-            pending.append(self._submit_object(self.chunk_key(name, i, j), b["up"]))
-            crc = crc32(memoryview(b["up"]))
-            crc_m = crc
-            if i != j:
-                pending.append(self._submit_object(self.chunk_key(name, j, i), b["lo"]))
-                crc_m = crc32(memoryview(b["lo"]))
-            sums[name] = (int(crc), int(crc_m))
-        for w in pending:
-            w.result()
-        return sums
-
-    def _submit_object(self, key: str, data: np.ndarray):
-        """Write object ``key`` whole on an I/O thread (direct I/O on local disks)."""
-        if "_direct" not in self.__dict__:
-            self.__dict__["_direct"] = _direct_io_enabled() and self.loc.is_local
-        direct = self.__dict__["_direct"] and data.nbytes >= DIRECT_MIN_BYTES
-        return _io_pool().submit(self.loc.put, key, data, direct=direct)
-
-    def _write_chunks(self, i: int, j: int, values: dict) -> dict[str, tuple[int, int]]:
-        """Layout 1: each kernel's chunk (i, j) and mirror chunk (j, i); returns
-        ``{"*": (crc over all chunks (i, j), crc over all chunks (j, i))}``."""
-        crc = crc_m = 0
-        for name in self.kernels:
-            block = values[name]
-            # a block already in the store dtype and aligned is written as it is
-            ready = (
-                block.dtype == self.dtype
-                and block.flags.c_contiguous
-                and block.ctypes.data % DIRECT_ALIGN == 0
-            )
-            # chunk files go out on I/O threads while this thread makes the mirror and the
-            # checksums (pwrite, crc32 and the compiled transpose release the GIL)
-            if i == j:
-                cast = block if ready else self._scratch(block.shape)[0]
-                if not ready:
-                    np.copyto(cast, block, casting="same_kind")
-                writes = [self._submit_chunk(name, i, j, cast, 0)]
-                crc = crc32(memoryview(cast).cast("B"), crc)
-            else:
-                if ready:
-                    cast, mirror = block, self._scratch(block.shape)[1]
-                    writes = [self._submit_chunk(name, i, j, cast, 0)]
-                    _transpose_into(block, mirror)
-                else:
-                    cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
-                    writes = [self._submit_chunk(name, i, j, cast, 0)]
-                writes.append(self._submit_chunk(name, j, i, mirror, 1))
-                crc = crc32(memoryview(cast).cast("B"), crc)
-                crc_m = crc32(memoryview(mirror).cast("B"), crc_m)
-            for w in writes:
-                if w is not None:
-                    w.result()
-        if i == j:
-            crc_m = crc
-        return {"*": (crc, crc_m)}
-
-    def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Reused (up, lo) cast buffers for tiles of ``shape``."""
-        bufs = self.__dict__.setdefault("_scratch_bufs", AlignedBuffers())
-        b = bufs.get(shape, {"up": shape, "lo": shape[::-1]}, self.dtype)
-        return b["up"], b["lo"]
-
-    def _raw_chunks(self, name: str) -> bool:
-        """Whether chunk ``name`` files are the raw little-endian C-order values (bytes codec
-        only, "/" chunk keys, no sharding), so whole chunks can be written without zarr."""
-        key = ("_raw", name)
-        if key not in self.__dict__:
-            meta = self._root[name].metadata
-            codecs = getattr(meta, "codecs", ())
-            enc = getattr(meta, "chunk_key_encoding", None)
-            self.__dict__[key] = (
-                len(codecs) == 1
-                and type(codecs[0]).__name__ == "BytesCodec"
-                and (
-                    str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
-                    or (codecs[0].endian is None and self._root[name].dtype.itemsize == 1)
-                )
-                and type(enc).__name__ == "DefaultChunkKeyEncoding"
-                and enc.separator == "/"
-                and np.little_endian
-            )
-        return self.__dict__[key]
-
-    def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, *, slot: int = 0) -> None:
-        """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.
-
-        Uncompressed chunks are written directly (exactly the bytes zarr writes: the
-        values, edge chunks padded with the NaN fill value), which is ~2x faster than a zarr
-        write of the same chunk; anything else goes through zarr.
-        """
-        r0, r1 = self.plan.bounds(bi)
-        c0, c1 = self.plan.bounds(bj)
-        if not self._raw_chunks(name):
-            self._root[name][r0:r1, c0:c1] = data
-            return
-        t = self.tile
-        if data.shape != (t, t):
-            pads = self.__dict__.setdefault("_pad_bufs", {})
-            full = pads.get(slot)
-            if full is None:  # one per concurrent writer (``slot``)
-                full = pads[slot] = aligned_empty((t, t), self.dtype)
-            full.fill(np.nan)
-            full[: r1 - r0, : c1 - c0] = data
-            data = full
-        if "_direct" not in self.__dict__:
-            self.__dict__["_direct"] = _direct_io_enabled() and self.loc.is_local
-        direct = self.__dict__["_direct"] and data.nbytes >= DIRECT_MIN_BYTES
-        self.loc.put(self.chunk_key(name, bi, bj), np.ascontiguousarray(data), direct=direct)
-
-    def _submit_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, slot: int):
-        """:meth:`_put_chunk` on an I/O thread for raw chunk files (returns its future),
-        else at once (returns None)."""
-        if not self._raw_chunks(name):
-            self._put_chunk(name, bi, bj, data)
-            return None
-        return _io_pool().submit(self._put_chunk, name, bi, bj, data, slot=slot)
 
     def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""

@@ -23,6 +23,7 @@ import numba as nb
 import numpy as np
 
 from ..errors import InputError, StoreError
+from .chunkio import _transpose_into
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -120,7 +121,6 @@ def _fill(src, up, lo, mirror):
     with ``mirror``, ``lo[q, p] = up[p, q].T`` (the mirror tile's inner chunks)."""
     r, cc = src.shape
     nr, nc, c = up.shape[0], up.shape[1], up.shape[2]
-    B = 32
     for p in range(nr):
         for q in range(nc):
             for a in range(c):
@@ -132,13 +132,7 @@ def _fill(src, up, lo, mirror):
                     else:
                         up[p, q, a, b] = np.nan
             if mirror:
-                for a0 in range(0, c, B):
-                    a1 = min(a0 + B, c)
-                    for b0 in range(0, c, B):
-                        b1 = min(b0 + B, c)
-                        for b in range(b0, b1):
-                            for a in range(a0, a1):
-                                lo[q, p, b, a] = up[p, q, a, b]
+                _transpose_into(up[p, q], lo[q, p])
 
 
 def fill_shards(
