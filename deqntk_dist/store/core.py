@@ -643,7 +643,7 @@ def open_kernel_store(path, *, writable: bool = False) -> KernelStore:
     StoreError
         Not a kernel store, or a format version this software does not know.
     """
-    loc = Location.parse(path)
+    loc = Location.parse(path, param="kernel store")
     return KernelStore(loc, _open_group(loc, writable=writable), writable=writable)
 
 

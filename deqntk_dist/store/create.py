@@ -170,7 +170,7 @@ def create_kernel_store(
     asked = TilePlan(n=dataset.n, tile=tile).tile
     plan = TilePlan(n=dataset.n, tile=min(asked, dataset.n))  # one tile covers all rows
     want = _expected_attrs(dataset, spec, plan.tile, dtype, kernels, options or {}, layout)
-    loc = Location.parse(path)
+    loc = Location.parse(path, param="kernel store")
     if loc.exists():
         return _reopen(loc, want, asked)
     if layout >= 2:

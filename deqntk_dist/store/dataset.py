@@ -200,7 +200,7 @@ def write_dataset_store(
         ``path`` exists and ``overwrite`` is false, or it cannot be written.
     """
     x32, y64, n_train = _validate(x, y, n_train, name)
-    loc = Location.parse(path, param="path")
+    loc = Location.parse(path, param="dataset store")
     if loc.exists() and not overwrite:
         raise StoreError(f"dataset store path already exists (pass overwrite=True): {loc}")
     attrs = _attrs(x32, y64, n_train, name, preprocessing, source)
@@ -267,7 +267,7 @@ def open_dataset_store(path) -> DatasetStore:
     StoreError
         The path does not exist or is not a deqntk dataset store.
     """
-    p = Location.parse(path, param="path")
+    p = Location.parse(path, param="dataset store")
     if not p.exists("zarr.json"):
         if not p.exists():
             raise StoreNotFoundError(f"dataset store not found: {p}")
