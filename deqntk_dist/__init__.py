@@ -19,7 +19,7 @@ from .store.dataset import open_dataset_store, write_dataset_store
 __version__ = "0.1.0"
 
 #: Imported on first use: workers computing tiles never need scipy's solvers.
-_LAZY = {"SolveReport": "solve", "kernel_ridge": "solve", "solve_store": "solve"}
+_LAZY = {"SolveReport": "regression", "kernel_ridge": "regression", "solve_store": "regression"}
 
 
 def __getattr__(name: str):

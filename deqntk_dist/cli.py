@@ -437,7 +437,7 @@ def _add_solve(sub) -> None:
 def _cmd_solve(args: argparse.Namespace) -> int:
     import json
 
-    from .solve import solve_store
+    from .regression import solve_store
 
     ridges = _float_list("--ridge", args.ridge)
     rep = solve_store(

@@ -391,7 +391,7 @@ def run_pipeline(
         Relative ridge grid of the regression stage (default: the solver's); the ridge is
         chosen on a validation split of the training rows (one value: used as given).
     solve_method : {"auto", "cholesky", "cg"}
-        Route of :func:`deqntk_dist.solve.solve_store`.
+        Route of :func:`deqntk_dist.regression.solve_store`.
     tile, dtype, options, runtime, client, memory_budget, max_tiles, recompute_mismatched
         Passed to :func:`deqntk_dist.compute.compute_kernel_store` (with ``max_tiles`` an
         unfinished store ends the run after the compute stage, with a report saying so).
@@ -596,6 +596,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _solve(kernel_store, kernel: str, lambdas, method: str) -> dict[str, Any]:
     """Run the regression stage on a complete kernel store; its JSON report as a dict."""
-    from .solve import solve_store
+    from .regression import solve_store
 
     return solve_store(kernel_store, kernel=kernel, ridges=lambdas, method=method).to_dict()

@@ -73,7 +73,7 @@ def build_store(path: Path, n_train: int, n_test: int, *, tile: int, d: int, see
 def run_worker(args) -> dict:
     """One solve in this process (``--worker``); returns the measured figures."""
     from deqntk_dist import open_kernel_store
-    from deqntk_dist.solve import one_hot_targets, solve_store
+    from deqntk_dist.regression import one_hot_targets, solve_store
 
     ks = open_kernel_store(args.store)
     n = ks.n_train

@@ -71,7 +71,7 @@ def test_sigkill_then_rerun_completes_exactly_the_missing_tiles(tmp_path, rng):
     # the killed store is usable: tiles ran training block by block (each with its test
     # tiles), so >= 20 finished tiles (2 in flight) complete the shells of blocks 0 and 1
     # (4 + 5 tiles) and every test row of the test blocks (352..399) against them
-    from deqntk_dist.solve import solve_store
+    from deqntk_dist.regression import solve_store
 
     part = solve_store(store, ridges=[1e-3], allow_incomplete=True, write_results=False)
     assert part.n_train >= 32 and part.n_test == 48, (part.n_train, part.n_test, len(before))

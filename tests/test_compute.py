@@ -412,7 +412,7 @@ def test_bad_runtime_arguments_and_read_only_stores_fail_before_a_cluster(
 def test_an_interrupted_store_solves_on_a_leading_block(tmp_path, rng, client):
     """Tiles run training block by training block (each with its test tiles), so a store
     stopped after k tiles has the leading block those k tiles can cover."""
-    from deqntk_dist.solve import solve_store
+    from deqntk_dist.regression import solve_store
 
     n, n_train = 150, 120
     centres = 3 * rng.normal(size=(3, 6))

@@ -18,14 +18,14 @@ from deqntk_dist.errors import (
     SolveError,
     StoreError,
 )
-from deqntk_dist.linalg import (
+from deqntk_dist.regression import kernel_ridge, one_hot_targets, parse_memory, solve_store
+from deqntk_dist.regression.linalg import (
     IndexedBlocks,
     block_cholesky,
     nystrom_preconditioner,
     pcg,
     sym_matmul,
 )
-from deqntk_dist.solve import kernel_ridge, one_hot_targets, parse_memory, solve_store
 from deqntk_dist.store import create_kernel_store
 from deqntk_dist.store.results import read_results
 
@@ -266,7 +266,7 @@ def test_indefinite_matrix_is_a_clear_error(rng, method, limit):
 
 
 def test_nan_fails_at_once_in_the_mixed_route(rng, monkeypatch):
-    import deqntk_dist.solve as solve_mod
+    import deqntk_dist.regression.krr as solve_mod
 
     calls = []
     real = solve_mod.block_cholesky
@@ -388,7 +388,7 @@ def test_results_written_before_versioning_are_read_then_replaced(tmp_path):
 
 
 def test_solve_checks_where_results_go_before_solving(tmp_path, rng, monkeypatch, capsys):
-    import deqntk_dist.solve as solve_mod
+    import deqntk_dist.regression.from_store as solve_mod
 
     x, y = _data(rng, 150)
     ks = _make_store(tmp_path, x, y, 120, tile=64)
@@ -407,7 +407,7 @@ def test_solve_checks_where_results_go_before_solving(tmp_path, rng, monkeypatch
 
 
 def test_solve_on_a_read_only_or_full_store_fails_first(tmp_path, rng, monkeypatch, small_fs):
-    import deqntk_dist.solve as solve_mod
+    import deqntk_dist.regression.from_store as solve_mod
 
     x, y = _data(rng, 150)
     fs = small_fs("8m")
@@ -505,7 +505,7 @@ def test_cli_verify_prints_notes_and_layout_problems(tmp_path, rng, capsys):
 
 
 def test_more_classes_than_the_dataset_bound_is_an_input_error():
-    from deqntk_dist.solve import one_hot_targets
+    from deqntk_dist.regression import one_hot_targets
 
     with pytest.raises(InputError, match="labels must be < 10000"):
         one_hot_targets(np.array([0, 3, 20_000]))

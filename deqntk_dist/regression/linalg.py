@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import ThreadpoolController
 
-from .errors import InputError, NotPositiveDefiniteError, SolveError
+from ..errors import InputError, NotPositiveDefiniteError, SolveError
 
 __all__ = [
     "CholeskyFactor",
