@@ -127,7 +127,7 @@ def test_kernel_ridge_equals_dense_numpy(rng, method, limit):
         block=96,
         rank=100,
     )
-    expect = "cg-nystrom" if method == "cg" else "cholesky-mixed" if limit else "cholesky-float64"
+    expect = "cg-nystrom" if method == "cg" else "cholesky-mixed" if limit else "cholesky-dense"
     assert rep.method == expect
     alpha, Y, shift = _dense_alpha(K[:n, :n], y[:n], 1e-3, 3)
     assert rep.shift == pytest.approx(shift, rel=1e-12)
@@ -175,7 +175,7 @@ def test_store_cholesky_and_cg_agree(big_store, tmp_path):
     ks = big_store
     chol = solve_store(ks.path, ridges=[1e-3], method="cholesky", report_path=tmp_path / "r.json")
     cg = solve_store(ks.path, ridges=[1e-3], method="cg", write_results=False)
-    assert chol.method == "cholesky-float64" and cg.method == "cg-nystrom"
+    assert chol.method == "cholesky-dense" and cg.method == "cg-nystrom"
     assert _rel(cg.alpha, chol.alpha) <= 1e-6
     # independent: plain zarr read of the store + numpy solve
     K = zarr.open_array(f"{ks.path}/ntk", mode="r")[...]
@@ -190,7 +190,7 @@ def test_store_cholesky_and_cg_agree(big_store, tmp_path):
     np.testing.assert_array_equal(res["alpha"][...], chol.alpha)
     np.testing.assert_array_equal(res["predictions"][...], chol.predictions)
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["accuracy"] == chol.accuracy and rep["method"] == "cholesky-float64"
+    assert rep["accuracy"] == chol.accuracy and rep["method"] == "cholesky-dense"
     assert rep == res.attrs["report"]
 
 

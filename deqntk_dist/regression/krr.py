@@ -1,6 +1,20 @@
 """Kernel ridge regression: ``(K + lam tr(K)/n I) alpha = Y`` with the ridge chosen on a
 validation split, in core or streamed from any block source (validate at the edge in
-:func:`kernel_ridge`, then the private routes)."""
+:func:`kernel_ridge`, then :func:`_select_ridge` and :func:`_fit`).
+
+One-hot centred targets (0.9 / -0.1), predictions ``K_st alpha``, accuracy by argmax.
+Routes (every final fit meets the float64 relative residual ``tol``):
+
+``cholesky-dense``  the train block read once into memory as float32; per ridge a float32
+                    Cholesky factor preconditions float64 CG (:mod:`.dense`).
+``cholesky-mixed``  streamed: a blocked float32 factor read from the store in row bands,
+                    float64 CG whose residuals re-read the store.
+``cg-nystrom``      streamed CG preconditioned by a randomised Nyström approximation,
+                    memory ``O(n * rank)`` besides one row band.
+``auto``            the first that fits the memory limit.
+
+Validation solves stop at :data:`VAL_TOL` (enough to rank the ridges).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +29,7 @@ import numpy as np
 
 from ..errors import InputError, NotPositiveDefiniteError, SolveError
 from ..store.dataset import MAX_CLASSES
+from .dense import DenseSolver, dense_bytes, dense_matmul, gather, load_dense
 from .linalg import (
     IndexedBlocks,
     as_block_source,
@@ -105,12 +120,14 @@ def one_hot_targets(
     return Y
 
 
-def plan_method(n: int, method: str, memory_limit: int, *, block: int = 2048) -> tuple[str, str]:
+def plan_method(
+    n: int, method: str, memory_limit: int, *, block: int = 2048, itemsize: int = 4
+) -> tuple[str, str]:
     """Pick the solver route for ``n`` training rows.
 
     Returns
     -------
-    route : {"cholesky-float64", "cholesky-mixed", "cg-nystrom"}
+    route : {"cholesky-dense", "cholesky-mixed", "cg-nystrom"}
     why : str
         The reason, for the report.
 
@@ -121,19 +138,19 @@ def plan_method(n: int, method: str, memory_limit: int, *, block: int = 2048) ->
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    dense64 = 8 * n * n
+    dense = dense_bytes(n, itemsize)
     packed32 = 2 * n * (n + block) + 22 * n * block  # factor, inverses, band workspace
     gb = 1e9
     if method == "cg":
         return "cg-nystrom", "requested"
-    if dense64 <= memory_limit:
-        return "cholesky-float64", (
-            f"dense float64 train block {dense64 / gb:.2f} GB fits memory_limit "
-            f"{memory_limit / gb:.2f} GB"
+    if dense <= memory_limit:
+        return "cholesky-dense", (
+            f"the train block in memory with its factor ({dense / gb:.2f} GB) fits "
+            f"memory_limit {memory_limit / gb:.2f} GB"
         )
     if packed32 <= memory_limit:
         return "cholesky-mixed", (
-            f"dense float64 train block {dense64 / gb:.2f} GB exceeds memory_limit "
+            f"the in-memory route ({dense / gb:.2f} GB) exceeds memory_limit "
             f"{memory_limit / gb:.2f} GB; packed float32 factor {packed32 / gb:.2f} GB fits"
         )
     if method == "cholesky":
@@ -183,7 +200,8 @@ class _Solver:
     def shift(self, ridge: float) -> float:
         return ridge * self.trace / self.K.shape[0]
 
-    def solve(self, ridge: float, B: np.ndarray) -> _Solved:
+    def solve(self, ridge: float, B: np.ndarray, *, tol: float | None = None) -> _Solved:
+        tol = self.tol if tol is None else tol
         s = self.shift(ridge)
         if self.route == "cg-nystrom":
             if self._nystrom is None:
@@ -196,7 +214,7 @@ class _Solver:
                 B,
                 s,
                 precondition=lambda R: nys.apply(R, s),
-                tol=self.tol,
+                tol=tol,
                 max_iter=self.max_iter,
                 block=self.block,
                 what=self.what,
@@ -224,7 +242,7 @@ class _Solver:
                 s,
                 precondition=F.solve,
                 x0=F.solve(B),
-                tol=self.tol,
+                tol=tol,
                 max_iter=self.max_iter,
                 block=self.block,
                 what=self.what,
@@ -236,9 +254,9 @@ class _Solver:
                 "preconditioner_shift": pshift,
             }
             del F
-        if not info.converged and info.residual > max(self.tol, 1e-8):
+        if not info.converged and info.residual > max(tol, 1e-8):
             raise SolveError(
-                f"{self.route} did not reach the relative residual {self.tol:g} for ridge "
+                f"{self.route} did not reach the relative residual {tol:g} for ridge "
                 f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
                 "raise max_iter or the ridge, or use method 'cholesky'"
             )
@@ -255,7 +273,7 @@ def _rows_matmul(S, X: np.ndarray, block: int) -> np.ndarray:
         band = np.asarray(S[s:e, 0 : S.shape[1]])
         if not np.isfinite(band).all():
             raise SolveError(f"test x train block has non-finite values in rows {s}:{e}")
-        out[s:e] = band.astype(np.float64, copy=False) @ X
+        out[s:e] = dense_matmul(band, X)
     return out
 
 
@@ -366,49 +384,45 @@ def kernel_ridge(
     if n_classes is None:
         n_classes = int(all_labels.max()) + 1 if all_labels.size else 1
     Y = one_hot_targets(y_train, n_classes)
-    route, why = plan_method(n, method, limit, block=block or 2048)
+    itemsize = 4 if np.dtype(getattr(K_train, "dtype", np.float64)) == np.float32 else 8
+    route, why = plan_method(n, method, limit, block=block or 2048, itemsize=itemsize)
     opts = dict(tol=tol, max_iter=max_iter, rank=rank, seed=seed, block=block)
-    stages: dict[str, float] = {}
-    detail: dict[str, Any] = {}
 
-    val_acc = val_mse = val = None
-    n_val = 0
+    blk = block or 2048
+    stages: dict[str, float] = {}
+    val = fit = None
     if len(ridges) > 1:
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(seed)
         n_val = max(1, int(round(val_fraction * n)))
         if n - n_val < 1:
             raise InputError(f"too few training rows ({n}) for a validation split")
-        val = np.sort(rng.choice(n, size=n_val, replace=False))
+        val = np.sort(np.random.default_rng(seed).choice(n, size=n_val, replace=False))
         fit = np.setdiff1d(np.arange(n), val)
-        Kf = IndexedBlocks(K_train, fit, fit)
-        solver = _Solver(Kf, route, what="K_fit", **opts)
-        val_acc, val_mse = [], []
-        for lam in ridges:
-            sol = solver.solve(lam, Y[fit])
-            ext = np.zeros((n, n_classes))
-            ext[fit] = sol.alpha
-            pred = sym_matmul(K_train, ext, block=block)[val]
-            val_acc.append(_accuracy(pred, y_train[val]))
-            val_mse.append(float(np.mean((pred - Y[val]) ** 2)))
-        # best accuracy; ties broken by the smaller validation mean squared error
-        best = max(range(len(ridges)), key=lambda i: (val_acc[i], -val_mse[i]))
-        ridge = ridges[best]
+    dense = None
+    if route == "cholesky-dense":
+        t0 = time.perf_counter()
+        dense = load_dense(K_train, blk)
+        stages["load"] = time.perf_counter() - t0
+    val_acc = val_mse = None
+    if val is not None:
+        t0 = time.perf_counter()
+        ridge, val_acc, val_mse = _select_ridge(
+            K_train, dense, Y, y_train, val, fit, ridges, route, opts
+        )
         stages["validation"] = time.perf_counter() - t0
     else:
         ridge = ridges[0]
-
     t0 = time.perf_counter()
-    solver = _Solver(K_train, route, what="K_train", **opts)
-    sol = solver.solve(ridge, Y)
+    solver, sol = _fit(K_train, dense, Y, ridge, route, opts)
+    del dense
     stages["fit"] = time.perf_counter() - t0
-    detail.update(sol.detail)
+    detail: dict[str, Any] = dict(sol.detail)
+    n_val = 0 if val is None else val.size
     # K alpha = Y - shift alpha - residual, and the residual is below tol: no extra pass
     train_pred = Y - solver.shift(ridge) * sol.alpha
     predictions, accuracy = None, None
     if K_test is not None:
         t0 = time.perf_counter()
-        predictions = _rows_matmul(K_test, sol.alpha, block or 2048)
+        predictions = _rows_matmul(K_test, sol.alpha, blk)
         stages["predict"] = time.perf_counter() - t0
         if y_test is not None:
             accuracy = _accuracy(predictions, y_test)
@@ -442,3 +456,49 @@ def kernel_ridge(
         predictions=predictions,
         val_rows=val,
     )
+
+
+#: Relative residual of the validation solves: enough to rank the ridges (predictions
+#: change by ~1e-6 relative), far cheaper than the final fit's ``tol``.
+VAL_TOL = 1e-6
+
+
+def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str):
+    if route == "cholesky-dense":
+        assert dense is not None
+        o = opts
+        block = o["block"] or 2048
+        return DenseSolver(dense, tol=o["tol"], max_iter=o["max_iter"], block=block, what=what)
+    return _Solver(K, route, what=what, **opts)
+
+
+def _select_ridge(K, dense, Y, y, val, fit, ridges, route, opts):
+    """The ridge with the best validation accuracy (ties: the lower validation MSE) when
+    fitting on the ``fit`` rows; also the per-ridge accuracies and MSEs."""
+    n, n_classes = Y.shape
+    if dense is not None:
+        Kf = gather(dense, fit, fit)
+        Kvf = gather(dense, val, fit)
+        solver = _solver(None, Kf, route, opts, "K_fit")
+    else:
+        solver = _solver(IndexedBlocks(K, fit, fit), None, route, opts, "K_fit")
+    tol = max(opts["tol"], VAL_TOL)
+    acc, mse = [], []
+    for lam in ridges:
+        sol = solver.solve(lam, Y[fit], tol=tol)
+        if dense is not None:
+            pred = dense_matmul(Kvf, sol.alpha)
+        else:
+            ext = np.zeros((n, n_classes))
+            ext[fit] = sol.alpha
+            pred = sym_matmul(K, ext, block=opts["block"])[val]
+        acc.append(_accuracy(pred, y[val]))
+        mse.append(float(np.mean((pred - Y[val]) ** 2)))
+    best = max(range(len(ridges)), key=lambda i: (acc[i], -mse[i]))
+    return ridges[best], acc, mse
+
+
+def _fit(K, dense, Y, ridge, route, opts):
+    """The solver on all training rows and its solution at ``ridge``."""
+    solver = _solver(K, dense, route, opts, "K_train")
+    return solver, solver.solve(ridge, Y)

@@ -412,6 +412,7 @@ def pcg(
     max_iter: int = 500,
     block: int | None = None,
     what: str = "K",
+    matmul=None,
 ) -> tuple[np.ndarray, SolveInfo]:
     """Preconditioned conjugate gradients for ``(K + shift I) X = B``, all columns at once.
 
@@ -428,6 +429,10 @@ def pcg(
     tol : float
         Stop when every column has ``||b - A x|| <= tol ||b||`` (checked on the true,
         recomputed residual).
+    matmul : callable ``(P, shift) -> (K + shift I) P``, optional
+        The product in float64 (default: :func:`sym_matmul` streaming ``K``; e.g. an
+        in-memory or a distributed product); with it, ``K`` is only used for the default
+        preconditioner.
 
     Returns
     -------
@@ -439,13 +444,19 @@ def pcg(
     SolveError
         Non-positive curvature (``K + shift I`` not positive definite).
     """
-    K = as_block_source(K, name=what)
     t0 = time.perf_counter()
     B = np.asarray(B, dtype=np.float64)
     B2 = B.reshape(B.shape[0], -1)
     n, c = B2.shape
-    if n != K.shape[0]:
-        raise InputError(f"B must have {K.shape[0]} rows, got {n}")
+    if K is not None:
+        K = as_block_source(K, name=what)
+        if n != K.shape[0]:
+            raise InputError(f"B must have {K.shape[0]} rows, got {n}")
+    if matmul is None:
+
+        def matmul(P, s):
+            return sym_matmul(K, P, s, block=block)
+
     if precondition is None:
         d = diagonal(K, block=block) + shift
         if np.any(d <= 0):
@@ -457,7 +468,7 @@ def pcg(
     bnorm = np.linalg.norm(B2, axis=0)
     bnorm[bnorm == 0] = 1.0
     X = np.zeros((n, c)) if x0 is None else np.array(x0, dtype=np.float64).reshape(n, c)
-    R = B2 - sym_matmul(K, X, shift, block=block) if x0 is not None else B2.copy()
+    R = B2 - matmul(X, shift) if x0 is not None else B2.copy()
     fresh = True  # R is the true residual, not the CG recurrence
     history: list[float] = []
     it = 0
@@ -467,7 +478,7 @@ def pcg(
         active = rel > tol
         if not active.any() or it >= max_iter:
             if not fresh:
-                R = B2 - sym_matmul(K, X, shift, block=block)
+                R = B2 - matmul(X, shift)
                 rel = np.linalg.norm(R, axis=0) / bnorm
                 fresh = True
             # stop when converged, out of iterations, or stagnating at the float64 floor
@@ -480,7 +491,7 @@ def pcg(
         rz = np.einsum("ij,ij->j", R, Z)
         P = Z
         while it < max_iter:
-            Q = sym_matmul(K, P, shift, block=block)
+            Q = matmul(P, shift)
             pq = np.einsum("ij,ij->j", P, Q)
             if np.any(pq[active] <= 0):
                 raise NotPositiveDefiniteError(

@@ -1,0 +1,207 @@
+"""In-core route: the train block held in memory once, in float32 (the store's values
+exactly), factored in float32 per ridge and refined in float64.
+
+Every solve factors ``K + shift I`` in float32 and uses the factor as the preconditioner
+of float64 conjugate gradients whose residuals come from the float32 entries in float64
+arithmetic, so the result meets the float64 residual bound of the streamed routes at the
+cost of a float32 factorization (half the memory traffic and twice the flops rate of
+float64).  Below :data:`THREADED_POTRF_MAX` rows the factorization is LAPACK's threaded
+``potrf`` on the whole matrix; above it the blocked factorization of :mod:`.linalg`, whose
+LAPACK calls never see more than one block (DESIGN §5: threaded ``dpotrf`` crashed from
+n ~ 17,000 and ``spotrf`` at 60,000 on these machines; both ran at 16,000).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import scipy.linalg
+
+from ..errors import NotPositiveDefiniteError, SolveError
+from .linalg import _bounds, _read, block_cholesky, pcg
+
+__all__ = ["THREADED_POTRF_MAX", "DenseSolver", "dense_bytes", "dense_matmul", "load_dense"]
+
+#: Largest matrix factored by one threaded LAPACK ``potrf`` call (see the module docstring).
+THREADED_POTRF_MAX = 12_000
+#: Float32 preconditioner shift escalations (x10 each) when a float32 factor fails.
+_MAX_FACTOR_TRIES = 6
+
+
+def dense_bytes(n: int, itemsize: int = 4) -> int:
+    """Peak bytes of the in-core route with a validation split: the train block and the fit
+    block (``itemsize`` bytes per entry: the source's), the float32 factor work copy, the
+    validation rows against the fit rows in float64; about ``12 n^2`` for a float32 source,
+    ``17 n^2`` for float64."""
+    return int((1.64 * itemsize + 2.56 + 1.28 + 1.0) * n * n)
+
+
+def load_dense(K, block: int) -> np.ndarray:
+    """The symmetric block source ``K`` as a C-contiguous array of its own precision
+    (float32 for float32 sources, else float64: the values exactly), reading only its
+    lower triangle in row bands (the upper triangle is mirrored).
+
+    Returns
+    -------
+    ndarray, shape (n, n), float32 or float64
+    """
+    n = K.shape[0]
+    dtype = np.float32 if np.dtype(getattr(K, "dtype", np.float64)) == np.float32 else np.float64
+    A = np.empty((n, n), dtype=dtype)
+    bounds = _bounds(n, block)
+    for s, e in bounds:
+        A[s:e, :e] = _read(K, s, e, 0, e)
+    _mirror_lower(A, 64)  # the upper triangle from the lower
+    return A
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _matmul_f64(K, Xt, out):
+    """``out = K @ Xt.T`` with every product and sum in float64 (K float32 or float64, read
+    once, row by row; each output entry summed by one thread in a fixed order)."""
+    n, m = K.shape
+    c = Xt.shape[0]
+    for i in nb.prange(n):
+        for k in range(c):
+            acc = 0.0
+            x = Xt[k]
+            for j in range(m):
+                acc += np.float64(K[i, j]) * x[j]
+            out[i, k] = acc
+
+
+def dense_matmul(K: np.ndarray, X: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """``(K + shift I) @ X`` in float64 for an in-memory ``K`` (float32 entries are used
+    exactly, without a float64 copy of the matrix; ``shift`` only for a square ``K``).
+
+    Parameters
+    ----------
+    K : ndarray, shape (m, n), float32 or float64, C-contiguous
+    X : ndarray, shape (n, c)
+
+    Returns
+    -------
+    ndarray, shape (m, c), float64
+    """
+    X2 = np.asarray(X, dtype=np.float64).reshape(K.shape[1], -1)
+    out = np.empty((K.shape[0], X2.shape[1]))
+    _matmul_f64(np.ascontiguousarray(K), np.ascontiguousarray(X2.T), out)
+    if shift:
+        out += shift * X2
+    return out if X.ndim == 2 or K.shape[0] != K.shape[1] else out.reshape(np.shape(X))
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _gather(A, rows, cols, out):
+    for a in nb.prange(rows.size):
+        r = rows[a]
+        for b in range(cols.size):
+            out[a, b] = A[r, cols[b]]
+
+
+def gather(A: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``A[np.ix_(rows, cols)]`` as a new C-contiguous array (in parallel)."""
+    out = np.empty((rows.size, cols.size), dtype=A.dtype)
+    _gather(A, np.asarray(rows, np.int64), np.asarray(cols, np.int64), out)
+    return out
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _mirror_lower(A, B):
+    """``A[i, j] = A[j, i]`` for ``i < j``, in ``B`` x ``B`` blocks."""
+    n = A.shape[0]
+    nb_ = (n + B - 1) // B
+    for bj in nb.prange(nb_):
+        j0, j1 = bj * B, min(n, (bj + 1) * B)
+        for i0 in range(0, j1, B):
+            i1 = min(n, i0 + B)
+            for i in range(i0, i1):
+                for j in range(max(j0, i + 1), j1):
+                    A[i, j] = A[j, i]
+
+
+class DenseSolver:
+    """Solves ``(K + shift I) X = B`` for an in-memory ``K`` (n, n; float32 or float64),
+    one float32 factorization per ridge, float64 CG refinement to ``tol``."""
+
+    def __init__(self, K: np.ndarray, *, tol: float, max_iter: int, block: int, what: str):
+        self.K, self.tol, self.max_iter, self.block, self.what = K, tol, max_iter, block, what
+        self.n = K.shape[0]
+        self.trace = float(np.trace(K, dtype=np.float64))
+        if not self.trace > 0:
+            raise SolveError(f"{what} has a non-positive trace {self.trace:.6g}; not a kernel")
+        self._work: np.ndarray | None = None
+
+    def shift(self, ridge: float) -> float:
+        return ridge * self.trace / self.n
+
+    def _factor(self, pshift: float):
+        """A float32 Cholesky factor of ``K + pshift I`` as a solve function."""
+        if self.n > THREADED_POTRF_MAX:
+            F = block_cholesky(self.K, pshift, dtype=np.float32, block=self.block, what=self.what)
+            return F.solve, {"factor_seconds": F.seconds, "factor_bytes": F.nbytes}
+        if self._work is None:
+            self._work = np.empty(self.K.shape, dtype=np.float32)
+        work = self._work
+        np.copyto(work, self.K, casting="same_kind")
+        work[np.diag_indices(self.n)] += np.float32(pshift)
+        try:
+            c = scipy.linalg.cho_factor(work, lower=True, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError as exc:
+            raise NotPositiveDefiniteError(
+                f"{self.what} + {pshift:.3g} I is not positive definite in float32 ({exc})"
+            ) from None
+
+        def solve(R: np.ndarray) -> np.ndarray:
+            out = scipy.linalg.cho_solve(c, R.astype(np.float32), check_finite=False)
+            return out.astype(np.float64)
+
+        return solve, {"factor_bytes": work.nbytes}
+
+    def solve(self, ridge: float, B: np.ndarray, *, tol: float | None = None):
+        """The solution for ``ridge`` (relative), refined to ``tol`` (default the solver's).
+
+        Returns
+        -------
+        _Solved
+        """
+        import time
+
+        from .krr import _Solved
+
+        tol = self.tol if tol is None else tol
+        s = self.shift(ridge)
+        pshift, tries = s, 0
+        t0 = time.perf_counter()
+        while True:
+            try:
+                solve, detail = self._factor(pshift)
+                break
+            except NotPositiveDefiniteError:
+                tries += 1
+                if tries >= _MAX_FACTOR_TRIES:
+                    raise
+                # float32 can fail where float64 would not: factor a more shifted matrix and
+                # let the float64 CG correct the difference
+                pshift = max(pshift, 1e-7 * self.trace / self.n) * 10
+        detail.setdefault("factor_seconds", time.perf_counter() - t0)
+        x, info = pcg(
+            self.K,
+            B,
+            s,
+            precondition=solve,
+            x0=solve(B),
+            tol=tol,
+            max_iter=self.max_iter,
+            block=self.block,
+            what=self.what,
+            matmul=lambda P, shift: dense_matmul(self.K, P, shift),
+        )
+        if not info.converged and info.residual > max(tol, 1e-8):
+            raise SolveError(
+                f"cholesky-dense did not reach the relative residual {tol:g} for ridge "
+                f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
+                "raise max_iter or the ridge"
+            )
+        detail.update(factor_dtype="float32", preconditioner_shift=pshift, cg_seconds=info.seconds)
+        return _Solved(x, info.residual, info.iterations, info.converged, detail)
