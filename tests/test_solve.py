@@ -111,7 +111,9 @@ def test_pcg_jacobi_matches_dense(rng):
     assert _rel(x, np.linalg.solve(K + 0.3 * np.eye(n), B)) < 1e-10
 
 
-@pytest.mark.parametrize("method,limit", [("cholesky", None), ("cholesky", 1.25e6), ("cg", None)])
+@pytest.mark.parametrize(
+    "method,limit", [("cholesky", None), ("cholesky", 1.25e6), ("cg", None), ("cg", 1.25e6)]
+)
 def test_kernel_ridge_equals_dense_numpy(rng, method, limit):
     x, y = _data(rng, 460)
     K = kernel_matrix(SPEC, x).ntk.astype(np.float32)
@@ -127,7 +129,10 @@ def test_kernel_ridge_equals_dense_numpy(rng, method, limit):
         block=96,
         rank=100,
     )
-    expect = "cg-nystrom" if method == "cg" else "cholesky-mixed" if limit else "cholesky-dense"
+    if method == "cg":
+        expect = "cg-nystrom" if limit else "nystrom-dense"
+    else:
+        expect = "cholesky-mixed" if limit else "cholesky-dense"
     assert rep.method == expect
     alpha, Y, shift = _dense_alpha(K[:n, :n], y[:n], 1e-3, 3)
     assert rep.shift == pytest.approx(shift, rel=1e-12)
@@ -175,8 +180,18 @@ def test_store_cholesky_and_cg_agree(big_store, tmp_path):
     ks = big_store
     chol = solve_store(ks.path, ridges=[1e-3], method="cholesky", report_path=tmp_path / "r.json")
     cg = solve_store(ks.path, ridges=[1e-3], method="cg", write_results=False)
-    assert chol.method == "cholesky-dense" and cg.method == "cg-nystrom"
-    assert _rel(cg.alpha, chol.alpha) <= 1e-6
+    streamed = solve_store(
+        ks.path, ridges=[1e-3], method="cg", memory_limit="20MB", write_results=False
+    )
+    assert chol.method == "cholesky-dense" and cg.method == "nystrom-dense"
+    assert streamed.method == "cg-nystrom"
+    assert _rel(cg.alpha, chol.alpha) <= 1e-6 and _rel(streamed.alpha, chol.alpha) <= 1e-6
+    # validation on the in-memory Nystrom route (the fit rows without a copy) chooses as
+    # the Cholesky route does, from the same accuracies
+    a = solve_store(ks.path, ridges=[1e-4, 1e-2, 1], method="cg", write_results=False)
+    b = solve_store(ks.path, ridges=[1e-4, 1e-2, 1], method="cholesky", write_results=False)
+    assert a.ridge == b.ridge and a.val_accuracy == b.val_accuracy
+    np.testing.assert_allclose(a.val_mse, b.val_mse, rtol=1e-5)
     # independent: plain zarr read of the store + numpy solve
     K = zarr.open_array(f"{ks.path}/ntk", mode="r")[...]
     y = ks.labels()

@@ -20,7 +20,16 @@ import scipy.linalg
 from ..errors import NotPositiveDefiniteError, SolveError
 from .linalg import _bounds, _read, block_cholesky, pcg
 
-__all__ = ["THREADED_POTRF_MAX", "DenseSolver", "dense_bytes", "dense_matmul", "load_dense"]
+__all__ = [
+    "THREADED_POTRF_MAX",
+    "DenseSolver",
+    "NystromDenseSolver",
+    "dense_bytes",
+    "dense_matmul",
+    "gather",
+    "load_dense",
+    "nystrom_dense_bytes",
+]
 
 #: Largest matrix factored by one threaded LAPACK ``potrf`` call (see the module docstring).
 THREADED_POTRF_MAX = 12_000
@@ -89,6 +98,21 @@ def dense_matmul(K: np.ndarray, X: np.ndarray, shift: float = 0.0) -> np.ndarray
     if shift:
         out += shift * X2
     return out if X.ndim == 2 or K.shape[0] != K.shape[1] else out.reshape(np.shape(X))
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _matmul_idx_f64(K, rows, Xt, out):
+    """``out = K[rows][:, rows] @ Xt.T`` in float64, without gathering ``K``."""
+    c = Xt.shape[0]
+    m = rows.size
+    for a in nb.prange(m):
+        r = rows[a]
+        for k in range(c):
+            acc = 0.0
+            x = Xt[k]
+            for b in range(m):
+                acc += np.float64(K[r, rows[b]]) * x[b]
+            out[a, k] = acc
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -204,4 +228,92 @@ class DenseSolver:
                 "raise max_iter or the ridge"
             )
         detail.update(factor_dtype="float32", preconditioner_shift=pshift, cg_seconds=info.seconds)
+        return _Solved(x, info.residual, info.iterations, info.converged, detail)
+
+
+def nystrom_dense_bytes(n: int, rank: int, itemsize: int = 4) -> int:
+    """Peak bytes of the in-memory Nyström route: the train block and ~6 ``n x rank``
+    float64 arrays of the sketch and its factors."""
+    return int(itemsize * n * n + 6 * 8 * n * rank)
+
+
+class NystromDenseSolver:
+    """Solves ``(K + shift I) X = B`` for an in-memory ``K`` by float64 CG preconditioned
+    with a randomised Nyström approximation (rank ``rank``) sketched once in float32: no
+    factorization of ``K``, one in-memory pass per iteration."""
+
+    def __init__(
+        self,
+        K: np.ndarray,
+        *,
+        rank: int,
+        seed: int,
+        tol: float,
+        max_iter: int,
+        what: str,
+        rows: np.ndarray | None = None,
+    ):
+        from .linalg import nystrom_preconditioner
+
+        self.K, self.tol, self.max_iter, self.what = K, tol, max_iter, what
+        # ``rows``: solve on ``K[rows][:, rows]`` without a copy of that block
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.n = K.shape[0] if rows is None else self.rows.size
+        diag = np.diagonal(K) if rows is None else np.diagonal(K)[self.rows]
+        self.trace = float(diag.sum(dtype=np.float64))
+        if not self.trace > 0:
+            raise SolveError(f"{what} has a non-positive trace {self.trace:.6g}; not a kernel")
+        single = K.dtype == np.float32
+
+        def sketch(omega: np.ndarray) -> np.ndarray:
+            om = omega.astype(K.dtype)
+            if self.rows is None:  # a plain threaded GEMM (never syrk, DESIGN §5)
+                return (K @ om).astype(np.float64)
+            out = np.empty(omega.shape)
+            for s0 in range(0, self.n, 2048):  # row bands of the block, gathered
+                band = gather(K, self.rows[s0 : s0 + 2048], self.rows)
+                out[s0 : s0 + band.shape[0]] = band @ om
+            return out
+
+        eps = np.finfo(np.float32).eps if single else None
+        shape = type("Shape", (), {"shape": (self.n, self.n)})()
+        self.nys = nystrom_preconditioner(shape, rank, seed=seed, sketch=sketch, eps=eps)
+
+    def _matmul(self, P: np.ndarray, shift: float) -> np.ndarray:
+        if self.rows is None:
+            return dense_matmul(self.K, P, shift)
+        out = np.empty(P.shape)
+        _matmul_idx_f64(self.K, self.rows, np.ascontiguousarray(P.T), out)
+        return out + shift * P
+
+    def shift(self, ridge: float) -> float:
+        return ridge * self.trace / self.n
+
+    def solve(self, ridge: float, B: np.ndarray, *, tol: float | None = None):
+        from .krr import _Solved
+
+        tol = self.tol if tol is None else tol
+        s = self.shift(ridge)
+        nys = self.nys
+        x, info = pcg(
+            None,
+            B,
+            s,
+            precondition=lambda R: nys.apply(R, s),
+            tol=tol,
+            max_iter=self.max_iter,
+            what=self.what,
+            matmul=self._matmul,
+        )
+        if not info.converged and info.residual > max(tol, 1e-8):
+            raise SolveError(
+                f"nystrom-dense did not reach the relative residual {tol:g} for ridge "
+                f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
+                "raise max_iter, the rank or the ridge, or use method 'cholesky'"
+            )
+        detail = {
+            "nystrom_rank": nys.rank,
+            "nystrom_seconds": nys.seconds,
+            "cg_seconds": info.seconds,
+        }
         return _Solved(x, info.residual, info.iterations, info.converged, detail)

@@ -29,7 +29,15 @@ import numpy as np
 
 from ..errors import InputError, NotPositiveDefiniteError, SolveError
 from ..store.dataset import MAX_CLASSES
-from .dense import DenseSolver, dense_bytes, dense_matmul, gather, load_dense
+from .dense import (
+    DenseSolver,
+    NystromDenseSolver,
+    dense_bytes,
+    dense_matmul,
+    gather,
+    load_dense,
+    nystrom_dense_bytes,
+)
 from .linalg import (
     IndexedBlocks,
     as_block_source,
@@ -121,13 +129,19 @@ def one_hot_targets(
 
 
 def plan_method(
-    n: int, method: str, memory_limit: int, *, block: int = 2048, itemsize: int = 4
+    n: int,
+    method: str,
+    memory_limit: int,
+    *,
+    block: int = 2048,
+    itemsize: int = 4,
+    rank: int = 512,
 ) -> tuple[str, str]:
     """Pick the solver route for ``n`` training rows.
 
     Returns
     -------
-    route : {"cholesky-dense", "cholesky-mixed", "cg-nystrom"}
+    route : {"cholesky-dense", "nystrom-dense", "cholesky-mixed", "cg-nystrom"}
     why : str
         The reason, for the report.
 
@@ -141,12 +155,24 @@ def plan_method(
     dense = dense_bytes(n, itemsize)
     packed32 = 2 * n * (n + block) + 22 * n * block  # factor, inverses, band workspace
     gb = 1e9
+    nys = nystrom_dense_bytes(n, rank, itemsize)
     if method == "cg":
+        if nys <= memory_limit:
+            return "nystrom-dense", (
+                f"requested; the train block in memory with a rank-{rank} sketch "
+                f"({nys / gb:.2f} GB) fits memory_limit {memory_limit / gb:.2f} GB"
+            )
         return "cg-nystrom", "requested"
     if dense <= memory_limit:
         return "cholesky-dense", (
             f"the train block in memory with its factor ({dense / gb:.2f} GB) fits "
             f"memory_limit {memory_limit / gb:.2f} GB"
+        )
+    if method == "auto" and nys <= memory_limit:
+        return "nystrom-dense", (
+            f"the in-memory factor route ({dense / gb:.2f} GB) exceeds memory_limit "
+            f"{memory_limit / gb:.2f} GB; the train block in memory with a rank-{rank} "
+            f"sketch ({nys / gb:.2f} GB) fits"
         )
     if packed32 <= memory_limit:
         return "cholesky-mixed", (
@@ -385,7 +411,7 @@ def kernel_ridge(
         n_classes = int(all_labels.max()) + 1 if all_labels.size else 1
     Y = one_hot_targets(y_train, n_classes)
     itemsize = 4 if np.dtype(getattr(K_train, "dtype", np.float64)) == np.float32 else 8
-    route, why = plan_method(n, method, limit, block=block or 2048, itemsize=itemsize)
+    route, why = plan_method(n, method, limit, block=block or 2048, itemsize=itemsize, rank=rank)
     opts = dict(tol=tol, max_iter=max_iter, rank=rank, seed=seed, block=block)
 
     blk = block or 2048
@@ -398,7 +424,7 @@ def kernel_ridge(
         val = np.sort(np.random.default_rng(seed).choice(n, size=n_val, replace=False))
         fit = np.setdiff1d(np.arange(n), val)
     dense = None
-    if route == "cholesky-dense":
+    if route in ("cholesky-dense", "nystrom-dense"):
         t0 = time.perf_counter()
         dense = load_dense(K_train, blk)
         stages["load"] = time.perf_counter() - t0
@@ -464,11 +490,16 @@ VAL_TOL = 1e-6
 
 
 def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str):
+    o = opts
     if route == "cholesky-dense":
         assert dense is not None
-        o = opts
         block = o["block"] or 2048
         return DenseSolver(dense, tol=o["tol"], max_iter=o["max_iter"], block=block, what=what)
+    if route == "nystrom-dense":
+        assert dense is not None
+        return NystromDenseSolver(
+            dense, rank=o["rank"], seed=o["seed"], tol=o["tol"], max_iter=o["max_iter"], what=what
+        )
     return _Solver(K, route, what=what, **opts)
 
 
@@ -476,7 +507,14 @@ def _select_ridge(K, dense, Y, y, val, fit, ridges, route, opts):
     """The ridge with the best validation accuracy (ties: the lower validation MSE) when
     fitting on the ``fit`` rows; also the per-ridge accuracies and MSEs."""
     n, n_classes = Y.shape
-    if dense is not None:
+    if route == "nystrom-dense":  # no copy of the fit block: the route is memory-bound
+        o = opts
+        Kvf = gather(dense, val, fit)
+        solver = NystromDenseSolver(
+            dense, rank=o["rank"], seed=o["seed"], tol=o["tol"], max_iter=o["max_iter"],
+            what="K_fit", rows=fit,
+        )  # fmt: skip
+    elif dense is not None:
         Kf = gather(dense, fit, fit)
         Kvf = gather(dense, val, fit)
         solver = _solver(None, Kf, route, opts, "K_fit")

@@ -355,14 +355,20 @@ class NystromPreconditioner:
 
 
 def nystrom_preconditioner(
-    K, rank: int, *, seed: int = 0, block: int | None = None
+    K, rank: int, *, seed: int = 0, block: int | None = None, sketch=None, eps: float = None
 ) -> NystromPreconditioner:
     """Rank-``rank`` randomised Nyström approximation of a PSD block source.
 
     One streaming pass ``K @ Omega`` (float64), then small dense algebra in memory
-    ``O(n * rank)``.
+    ``O(n * rank)``.  ``sketch``, a callable ``Omega -> K @ Omega``, replaces the pass (e.g.
+    an in-memory float32 product); ``eps`` is then its relative precision (default float64's).
     """
-    K = as_block_source(K)
+    if sketch is None:
+        K = as_block_source(K)
+
+        def sketch(omega):
+            return sym_matmul(K, omega, block=block)
+
     n = K.shape[0]
     rank = int(min(max(rank, 0), n))
     t0 = time.perf_counter()
@@ -372,8 +378,9 @@ def nystrom_preconditioner(
     # threaded LAPACK QR / SVD crawl on a busy machine (thread sync in level-2 BLAS)
     with _blas_single_thread():
         omega, _ = np.linalg.qr(rng.standard_normal((n, rank)))
-    Y = sym_matmul(K, omega, block=block)
-    nu = np.sqrt(n) * np.finfo(np.float64).eps * np.linalg.norm(Y)  # tiny stabilising shift
+    Y = sketch(omega)
+    eps = np.finfo(np.float64).eps if eps is None else eps
+    nu = np.sqrt(n) * eps * np.linalg.norm(Y)  # a stabilising shift above the sketch's noise
     Y += nu * omega
     core = omega.T @ Y
     core = 0.5 * (core + core.T)
@@ -381,6 +388,7 @@ def nystrom_preconditioner(
         w, V = np.linalg.eigh(core)
         keep = w > w.max() * 1e-12
         B = Y @ (V[:, keep] / np.sqrt(w[keep]))
+        del Y, omega
         U, sig, _ = np.linalg.svd(B, full_matrices=False)
     lam = np.maximum(sig**2 - nu, 0.0)
     return NystromPreconditioner(
