@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 
-from .errors import DatasetWarning, DeqntkError
+from .errors import DatasetWarning, DeqntkError, InputError
 from .spec import READOUTS
 
 __all__ = ["main", "build_parser"]
@@ -431,16 +431,66 @@ def _add_solve(sub) -> None:
         "--no-write", action="store_true", help="do not write results/<kernel> into the store"
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    g = p.add_argument_group(
+        "distributed solve (with --method cg)",
+        "block preconditioned CG on a Dask cluster: the train block in row bands held by "
+        "the workers, the driver holding only n x classes vectors",
+    )
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
+    )
+    g.add_argument(
+        "--cluster",
+        choices=("local", "slurm", "pbs"),
+        default=None,
+        help="start a LocalCluster or dask-jobqueue workers for the solve",
+    )
+    g.add_argument("--workers", type=int, default=None, help="worker processes or batch jobs")
+    g.add_argument(
+        "--band-memory",
+        type=_parse_bytes,
+        default=256 * 2**20,
+        help="bytes of one row band of the train block (default 256MiB)",
+    )
+    g.add_argument(
+        "--stream-bands",
+        action="store_true",
+        help="re-read the bands from the store every iteration instead of holding them",
+    )
+    g.add_argument(
+        "--dashboard-address",
+        default=None,
+        help="where a started scheduler's dashboard listens (default 127.0.0.1:0)",
+    )
     p.set_defaults(func=_cmd_solve)
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
-    import json
+    ridges = _float_list("--ridge", args.ridge)
+    distributed = args.scheduler is not None or args.cluster is not None
+    if distributed and args.method != "cg":
+        raise InputError(f"--scheduler / --cluster need --method cg, got --method {args.method}")
+    if not distributed:
+        return _print_solve(args, _solve(args, ridges, None))
+    from .runtime import RuntimeConfig, dask_client
 
+    runtime = RuntimeConfig(
+        scheduler=args.scheduler,
+        cluster=args.cluster or "local",
+        workers=args.workers,
+        dashboard_address=args.dashboard_address,
+    )
+    with dask_client(runtime) as client:
+        rep = _solve(args, ridges, client)
+    return _print_solve(args, rep)
+
+
+def _solve(args: argparse.Namespace, ridges, client):
     from .regression import solve_store
 
-    ridges = _float_list("--ridge", args.ridge)
-    rep = solve_store(
+    return solve_store(
         args.kernel_store,
         kernel=args.kernel,
         ridges=ridges,
@@ -454,7 +504,15 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         rank=args.rank,
         write_results=not args.no_write,
         report_path=args.report,
+        client=client,
+        band_bytes=args.band_memory,
+        keep_bands=False if args.stream_bands else None,
     )
+
+
+def _print_solve(args: argparse.Namespace, rep) -> int:
+    import json
+
     if args.json:
         print(json.dumps(rep.to_dict(), indent=1))
         return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IncompleteStoreError, InputError, SolveError, StoreError
-from .krr import kernel_ridge
+from .krr import check_options, kernel_ridge
 from .linalg import IndexedBlocks
 from .report import SolveReport
 
@@ -66,6 +66,9 @@ def solve_store(
     rank: int = 512,
     write_results: bool = True,
     report_path=None,
+    client=None,
+    band_bytes: int = 256 * 2**20,
+    keep_bands: bool | None = None,
 ) -> SolveReport:
     """Kernel ridge regression on a kernel store; results written back into it.
 
@@ -83,6 +86,12 @@ def solve_store(
         Also write the JSON report there (its directory must exist).
     ridges, method, memory_limit, val_fraction, seed, tol, max_iter, rank
         As in :func:`kernel_ridge`.
+    client : distributed.Client, optional
+        With ``method="cg"``: solve on this Dask cluster (:mod:`.distributed`): the train
+        block in row bands of ``band_bytes`` held by the workers (``keep_bands``; default:
+        when they take at most half of the cluster's memory limit, else re-read from the
+        store every iteration), a Nyström preconditioner built there, the driver holding
+        only ``n x classes`` vectors.
 
     Returns
     -------
@@ -133,27 +142,26 @@ def solve_store(
             )
     else:
         train_rows, test_rows = np.arange(nt), np.arange(nt, store.n)
-    arr = _GuardedArray(store.array(kernel), f"{store.path}/{kernel}")
-    K_train = IndexedBlocks(arr, train_rows, train_rows)
-    K_test = IndexedBlocks(arr, test_rows, train_rows) if test_rows.size else None
     n_classes = int(labels.max()) + 1 if labels.size else 1
-    report = kernel_ridge(
-        K_train,
-        labels[train_rows],
-        K_test,
-        labels[test_rows] if test_rows.size else None,
-        ridges=ridges,
-        method=method,
-        memory_limit=memory_limit,
-        val_fraction=val_fraction,
-        seed=seed,
-        tol=tol,
-        max_iter=max_iter,
-        rank=rank,
-        block=store.tile * max(1, 512 // store.tile),
-        n_classes=n_classes,
-        kernel=kernel,
-    )
+    if client is not None:
+        from .distributed import distributed_ridge
+
+        if method != "cg":
+            raise InputError(f"a Dask cluster needs method 'cg', got method {method!r}")
+        if not (isinstance(band_bytes, int) and band_bytes >= 2**20):
+            raise InputError(f"band_bytes must be an integer >= 1 MiB, got {band_bytes!r}")
+        report = distributed_ridge(
+            client, store, kernel, train_rows, test_rows, labels,
+            ridges=check_options(ridges, val_fraction, tol, max_iter, rank),
+            n_classes=n_classes, val_fraction=val_fraction, seed=seed, tol=tol,
+            max_iter=max_iter, rank=rank, band_bytes=band_bytes, keep=keep_bands,
+        )  # fmt: skip
+    else:
+        arr = _GuardedArray(store.array(kernel), f"{store.path}/{kernel}")
+        report = _in_process(
+            arr, store, kernel, train_rows, test_rows, labels, n_classes, ridges, method,
+            memory_limit, val_fraction, seed, tol, max_iter, rank,
+        )  # fmt: skip
     report = dataclasses.replace(report, store=store.path, incomplete=bool(missing))
     failed = []
     if write_results:
@@ -180,6 +188,32 @@ def solve_store(
         where = _save_elsewhere(report, train_rows, test_rows)
         raise StoreError(f"could not write {' or '.join(failed)}; {where}")
     return report
+
+
+def _in_process(
+    arr, store, kernel, train_rows, test_rows, labels, n_classes, ridges, method,
+    memory_limit, val_fraction, seed, tol, max_iter, rank,
+) -> SolveReport:  # fmt: skip
+    """:func:`kernel_ridge` on the store's train / test blocks, in this process."""
+    K_train = IndexedBlocks(arr, train_rows, train_rows)
+    K_test = IndexedBlocks(arr, test_rows, train_rows) if test_rows.size else None
+    return kernel_ridge(
+        K_train,
+        labels[train_rows],
+        K_test,
+        labels[test_rows] if test_rows.size else None,
+        ridges=ridges,
+        method=method,
+        memory_limit=memory_limit,
+        val_fraction=val_fraction,
+        seed=seed,
+        tol=tol,
+        max_iter=max_iter,
+        rank=rank,
+        block=store.tile * max(1, 512 // store.tile),
+        n_classes=n_classes,
+        kernel=kernel,
+    )
 
 
 class _GuardedArray:

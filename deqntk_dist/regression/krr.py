@@ -9,9 +9,13 @@ Routes (every final fit meets the float64 relative residual ``tol``):
                     Cholesky factor preconditions float64 CG (:mod:`.dense`).
 ``cholesky-mixed``  streamed: a blocked float32 factor read from the store in row bands,
                     float64 CG whose residuals re-read the store.
+``nystrom-dense``   ``method="cg"`` when the train block fits in memory: CG preconditioned
+                    by a Nyström approximation sketched in float32, one in-memory pass
+                    per iteration (no factorization; iterations grow as the ridge shrinks).
 ``cg-nystrom``      streamed CG preconditioned by a randomised Nyström approximation,
                     memory ``O(n * rank)`` besides one row band.
-``auto``            the first that fits the memory limit.
+``auto``            the first of ``cholesky-dense``, ``cholesky-mixed``, ``cg-nystrom`` that
+                    fits the memory limit.
 
 Validation solves stop at :data:`VAL_TOL` (enough to rank the ridges).
 """
@@ -168,12 +172,6 @@ def plan_method(
             f"the train block in memory with its factor ({dense / gb:.2f} GB) fits "
             f"memory_limit {memory_limit / gb:.2f} GB"
         )
-    if method == "auto" and nys <= memory_limit:
-        return "nystrom-dense", (
-            f"the in-memory factor route ({dense / gb:.2f} GB) exceeds memory_limit "
-            f"{memory_limit / gb:.2f} GB; the train block in memory with a rank-{rank} "
-            f"sketch ({nys / gb:.2f} GB) fits"
-        )
     if packed32 <= memory_limit:
         return "cholesky-mixed", (
             f"the in-memory route ({dense / gb:.2f} GB) exceeds memory_limit "
@@ -304,6 +302,23 @@ def _rows_matmul(S, X: np.ndarray, block: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- kernel_ridge
+def check_options(ridges, val_fraction, tol, max_iter, rank) -> list[float]:
+    """Validate the solver options shared by every route; returns the sorted ridges.
+
+    Raises
+    ------
+    InputError
+    """
+    ridges = _validate_ridges(ridges)
+    if not (isinstance(val_fraction, int | float) and 0 < val_fraction <= 0.5):
+        raise InputError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
+    if not (tol > 0 and max_iter >= 1 and rank >= 0):
+        raise InputError(
+            f"tol must be > 0, max_iter >= 1 and rank >= 0, got {tol}, {max_iter}, {rank}"
+        )
+    return ridges
+
+
 def _validate_ridges(ridges) -> list[float]:
     try:
         out = [float(r) for r in (DEFAULT_RIDGES if ridges is None else ridges)]
@@ -398,13 +413,7 @@ def kernel_ridge(
                 f"label/kernel size mismatch: y_test has shape {y_test.shape} but "
                 f"the test x train kernel has {m} rows"
             )
-    ridges = _validate_ridges(ridges)
-    if not (isinstance(val_fraction, int | float) and 0 < val_fraction <= 0.5):
-        raise InputError(f"val_fraction must be in (0, 0.5], got {val_fraction!r}")
-    if not (tol > 0 and max_iter >= 1 and rank >= 0):
-        raise InputError(
-            f"tol must be > 0, max_iter >= 1 and rank >= 0, got {tol}, {max_iter}, {rank}"
-        )
+    ridges = check_options(ridges, val_fraction, tol, max_iter, rank)
     limit = _default_memory_limit() if memory_limit is None else parse_memory(memory_limit)
     all_labels = y_train if y_test is None else np.concatenate([y_train, y_test])
     if n_classes is None:
