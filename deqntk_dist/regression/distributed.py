@@ -101,7 +101,8 @@ def _sketch(source, store, kernel, rows, cols, seed, bands, b, rank, mask):
     Y = np.zeros((K.shape[0], rank))
     for j, (c0, c1) in enumerate(bands):  # K[b, :] @ Omega, Omega rebuilt band by band
         mj = None if mask is None else mask[c0:c1]
-        Y += dense_matmul(np.ascontiguousarray(K[:, c0:c1]), _omega(seed, j, c1 - c0, rank, mj))
+        om = _omega(seed, j, c1 - c0, rank, mj).astype(K.dtype)
+        Y += K[:, c0:c1] @ om  # a BLAS GEMM in the store's precision (a sketch)
     r0, r1 = bands[b]
     mb = None if mask is None else mask[r0:r1]
     if mb is not None:
@@ -214,6 +215,7 @@ class BandedKernel:
             keep = bool(limit) and total <= limit // 2
         self.keep = bool(keep)
         self.total_bytes = total
+        self.itemsize = itemsize
         self.stats = WaveStats()
         self._sources = [None] * len(self.bands)
         if self.keep:
@@ -295,8 +297,8 @@ class DistributedNystrom:
         sk = [c.submit(_sketch, *K._args(b), *per[b], pure=False) for b in range(len(K.bands))]
         core, gram, ysq = _sum_results([c.submit(_second, f, pure=False) for f in sk])
         ynorm = np.sqrt(ysq)
-        eps = np.finfo(np.float64).eps
-        nu = np.sqrt(n_s) * eps * ynorm
+        eps = np.finfo(np.float32 if K.itemsize == 4 else np.float64).eps
+        nu = np.sqrt(n_s) * eps * ynorm  # above the sketch's rounding
         core = core + nu * gram
         core = 0.5 * (core + core.T)
         w, V = np.linalg.eigh(core)
