@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import NotPositiveDefiniteError, SolveError
-from .linalg import _bounds, _read, block_cholesky, pcg
+from .linalg import _bounds, _read, block_cholesky, check_converged, factor_escalating, pcg
 
 __all__ = [
     "THREADED_POTRF_MAX",
@@ -33,8 +33,6 @@ __all__ = [
 
 #: Largest matrix factored by one threaded LAPACK ``potrf`` call (see the module docstring).
 THREADED_POTRF_MAX = 12_000
-#: Float32 preconditioner shift escalations (x10 each) when a float32 factor fails.
-_MAX_FACTOR_TRIES = 6
 
 
 def dense_bytes(n: int, itemsize: int = 4) -> int:
@@ -195,19 +193,8 @@ class DenseSolver:
 
         tol = self.tol if tol is None else tol
         s = self.shift(ridge)
-        pshift, tries = s, 0
         t0 = time.perf_counter()
-        while True:
-            try:
-                solve, detail = self._factor(pshift)
-                break
-            except NotPositiveDefiniteError:
-                tries += 1
-                if tries >= _MAX_FACTOR_TRIES:
-                    raise
-                # float32 can fail where float64 would not: factor a more shifted matrix and
-                # let the float64 CG correct the difference
-                pshift = max(pshift, 1e-7 * self.trace / self.n) * 10
+        (solve, detail), pshift = factor_escalating(self._factor, s, 1e-7 * self.trace / self.n)
         detail.setdefault("factor_seconds", time.perf_counter() - t0)
         x, info = pcg(
             self.K,
@@ -221,12 +208,7 @@ class DenseSolver:
             what=self.what,
             matmul=lambda P, shift: dense_matmul(self.K, P, shift),
         )
-        if not info.converged and info.residual > max(tol, 1e-8):
-            raise SolveError(
-                f"cholesky-dense did not reach the relative residual {tol:g} for ridge "
-                f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
-                "raise max_iter or the ridge"
-            )
+        check_converged(info, "cholesky-dense", tol, "raise max_iter or the ridge", ridge)
         detail.update(factor_dtype="float32", preconditioner_shift=pshift, cg_seconds=info.seconds)
         return _Solved(x, info.residual, info.iterations, info.converged, detail)
 
@@ -305,12 +287,8 @@ class NystromDenseSolver:
             what=self.what,
             matmul=self._matmul,
         )
-        if not info.converged and info.residual > max(tol, 1e-8):
-            raise SolveError(
-                f"nystrom-dense did not reach the relative residual {tol:g} for ridge "
-                f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
-                "raise max_iter, the rank or the ridge, or use method 'cholesky'"
-            )
+        hint = "raise max_iter, the rank or the ridge, or use method 'cholesky'"
+        check_converged(info, "nystrom-dense", tol, hint, ridge)
         detail = {
             "nystrom_rank": nys.rank,
             "nystrom_seconds": nys.seconds,

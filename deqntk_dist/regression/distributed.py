@@ -380,7 +380,7 @@ def distributed_ridge(
     SolveReport
     """
     from .krr import VAL_TOL, _peak_rss, one_hot_targets
-    from .linalg import pcg
+    from .linalg import check_converged, pcg
     from .report import SolveReport, _accuracy
 
     t_start = time.perf_counter()
@@ -405,12 +405,7 @@ def distributed_ridge(
             max_iter=max_iter, what=f"{kernel} train block",
             matmul=lambda P, s: K.matmul(P, s, mask=mask),
         )  # fmt: skip
-        if not info.converged and info.residual > max(tol_, 1e-8):
-            raise SolveError(
-                f"cg-distributed did not reach the relative residual {tol_:g} (got "
-                f"{info.residual:.3g} after {info.iterations} iterations); raise max_iter, "
-                "the rank or the ridge"
-            )
+        check_converged(info, "cg-distributed", tol_, "raise max_iter, the rank or the ridge")
         iterations.append(info.iterations)
         return x, info
 

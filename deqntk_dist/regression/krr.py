@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, NotPositiveDefiniteError, SolveError
+from ..errors import InputError, SolveError
 from ..store.dataset import MAX_CLASSES
 from .dense import (
     DenseSolver,
@@ -46,7 +46,9 @@ from .linalg import (
     IndexedBlocks,
     as_block_source,
     block_cholesky,
+    check_converged,
     diagonal,
+    factor_escalating,
     nystrom_preconditioner,
     pcg,
     sym_matmul,
@@ -65,7 +67,6 @@ __all__ = [
 #: relative ridges lam (the shift is lam * tr(K) / n)
 DEFAULT_RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 METHODS = ("auto", "cholesky", "cg")
-_MAX_FACTOR_TRIES = 6  # float32 preconditioner shift escalations (x10 each)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -244,22 +245,14 @@ class _Solver:
                 what=self.what,
             )
             detail = {"nystrom_rank": nys.rank, "nystrom_seconds": nys.seconds}
-        else:
-            dtype = np.float64 if self.route == "cholesky-float64" else np.float32
-            pshift, tries = s, 0
-            while True:
-                try:
-                    F = block_cholesky(
-                        self.K, pshift, dtype=dtype, block=self.block, what=self.what
-                    )
-                    break
-                except NotPositiveDefiniteError:
-                    tries += 1
-                    if dtype == np.float64 or tries >= _MAX_FACTOR_TRIES:
-                        raise
-                    # a float32 factor may fail where float64 would not: factor a shifted
-                    # matrix and let float64 CG correct the difference
-                    pshift = max(pshift, 1e-7 * self.trace / self.K.shape[0]) * 10
+        else:  # cholesky-mixed: a float32 factor preconditions float64 CG
+            F, pshift = factor_escalating(
+                lambda p: block_cholesky(
+                    self.K, p, dtype=np.float32, block=self.block, what=self.what
+                ),
+                s,
+                1e-7 * self.trace / self.K.shape[0],
+            )
             x, info = pcg(
                 self.K,
                 B,
@@ -272,18 +265,15 @@ class _Solver:
                 what=self.what,
             )
             detail = {
-                "factor_dtype": np.dtype(dtype).name,
+                "factor_dtype": "float32",
                 "factor_seconds": F.seconds,
                 "factor_bytes": F.nbytes,
                 "preconditioner_shift": pshift,
             }
             del F
-        if not info.converged and info.residual > max(tol, 1e-8):
-            raise SolveError(
-                f"{self.route} did not reach the relative residual {tol:g} for ridge "
-                f"{ridge:g} (got {info.residual:.3g} after {info.iterations} iterations); "
-                "raise max_iter or the ridge, or use method 'cholesky'"
-            )
+        check_converged(
+            info, self.route, tol, "raise max_iter or the ridge, or use method 'cholesky'", ridge
+        )
         detail["cg_seconds"] = info.seconds
         return _Solved(x, info.residual, info.iterations, info.converged, detail)
 

@@ -396,6 +396,40 @@ def nystrom_preconditioner(
     )
 
 
+#: Float32 factor shift escalations (x10 each) before a factorization failure is final.
+MAX_FACTOR_TRIES = 6
+
+
+def factor_escalating(factor, shift: float, floor: float):
+    """``(factor(pshift), pshift)`` for the first ``pshift`` that factors, starting at
+    ``shift`` and multiplying ``max(pshift, floor)`` by 10 after each
+    :class:`NotPositiveDefiniteError` (:data:`MAX_FACTOR_TRIES` tries in all).
+
+    A float32 factor may fail where float64 would not: a more shifted matrix is factored
+    and the float64 CG it preconditions corrects the difference.
+    """
+    pshift = shift
+    for tries in range(1, MAX_FACTOR_TRIES + 1):
+        try:
+            return factor(pshift), pshift
+        except NotPositiveDefiniteError:
+            if tries == MAX_FACTOR_TRIES:
+                raise
+            pshift = max(pshift, floor) * 10
+    raise AssertionError("unreachable")
+
+
+def check_converged(info: SolveInfo, route: str, tol: float, hint: str, ridge=None) -> None:
+    """Raise :class:`SolveError` when CG stopped above ``tol`` and above 1e-8 (the float64
+    floor that a stagnating run may end at).  ``hint`` says what to change."""
+    if not info.converged and info.residual > max(tol, 1e-8):
+        at = "" if ridge is None else f" for ridge {ridge:g}"
+        raise SolveError(
+            f"{route} did not reach the relative residual {tol:g}{at} (got "
+            f"{info.residual:.3g} after {info.iterations} iterations); {hint}"
+        )
+
+
 # ------------------------------------------------------------------------------ CG
 @dataclass
 class SolveInfo:
