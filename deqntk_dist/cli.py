@@ -111,14 +111,39 @@ DEFAULT_HYPERPARAMETERS = {
 }
 
 
-def _add_store_arguments(p: argparse.ArgumentParser) -> None:
-    """Kernel-store and runtime options shared by ``compute`` and ``run``."""
+def _add_runtime_arguments(p, *, cluster_default: str | None) -> None:
+    """Where the Dask work runs (``compute``, ``run``, ``solve``): a running scheduler, a
+    LocalCluster or batch workers, and the dashboard of a started scheduler."""
     p.add_argument(
         "--dashboard-address",
         default=None,
         help="where the LocalCluster / batch scheduler dashboard listens (default "
         "127.0.0.1:0, i.e. this machine only; e.g. 0.0.0.0:8787 for every interface)",
     )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=("local", "slurm", "pbs"),
+        default=cluster_default,
+        help="start a LocalCluster"
+        + (" (default)" if cluster_default == "local" else "")
+        + " or dask-jobqueue workers",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (local: default one per core) or batch jobs",
+    )
+
+
+def _add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """Kernel-store and runtime options shared by ``compute`` and ``run``."""
+    _add_runtime_arguments(p, cluster_default="local")
     p.add_argument(
         "--what",
         type=_parse_what,
@@ -144,23 +169,6 @@ def _add_store_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bytes per tile on a worker, e.g. 1GiB (default: half the worker "
         "memory limit, at most 2GiB)",
-    )
-    p.add_argument(
-        "--scheduler",
-        default=None,
-        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
-    )
-    p.add_argument(
-        "--cluster",
-        choices=("local", "slurm", "pbs"),
-        default="local",
-        help="start a LocalCluster (default) or dask-jobqueue workers",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes (local: default one per core) or batch jobs",
     )
 
 
@@ -436,18 +444,7 @@ def _add_solve(sub) -> None:
         "block preconditioned CG on a Dask cluster: the train block in row bands held by "
         "the workers, the driver holding only n x classes vectors",
     )
-    g.add_argument(
-        "--scheduler",
-        default=None,
-        help="address (tcp://host:8786) or JSON file of a running dask scheduler",
-    )
-    g.add_argument(
-        "--cluster",
-        choices=("local", "slurm", "pbs"),
-        default=None,
-        help="start a LocalCluster or dask-jobqueue workers for the solve",
-    )
-    g.add_argument("--workers", type=int, default=None, help="worker processes or batch jobs")
+    _add_runtime_arguments(g, cluster_default=None)
     g.add_argument(
         "--band-memory",
         type=_parse_bytes,
@@ -458,11 +455,6 @@ def _add_solve(sub) -> None:
         "--stream-bands",
         action="store_true",
         help="re-read the bands from the store every iteration instead of holding them",
-    )
-    g.add_argument(
-        "--dashboard-address",
-        default=None,
-        help="where a started scheduler's dashboard listens (default 127.0.0.1:0)",
     )
     p.set_defaults(func=_cmd_solve)
 

@@ -42,16 +42,10 @@ _RETRY_NAMES = (
 _MAX_WAVE_TRIES = 5
 
 
-def _row_bands(n: int, plan: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The band height of ``plan`` applied to ``n`` rows."""
-    rows = plan[0][1] - plan[0][0] if plan else n
-    return [(s, min(n, s + rows)) for s in range(0, n, max(1, rows))]
-
-
-def band_plan(n: int, itemsize: int, *, band_bytes: int, align: int = 1) -> list[tuple[int, int]]:
-    """Row bands ``[(r0, r1), ...]`` of about ``band_bytes`` each (rows of ``n`` entries of
-    ``itemsize`` bytes), multiples of ``align`` rows where possible."""
-    rows = max(1, band_bytes // max(1, n * itemsize))
+def band_plan(n: int, row_bytes: int, *, band_bytes: int, align: int = 1) -> list[tuple[int, int]]:
+    """``n`` rows of ``row_bytes`` each in bands ``[(r0, r1), ...]`` of about ``band_bytes``,
+    multiples of ``align`` rows where possible."""
+    rows = max(1, band_bytes // max(1, row_bytes))
     if rows >= align:
         rows -= rows % align
     return [(s, min(n, s + rows)) for s in range(0, n, rows)]
@@ -145,6 +139,20 @@ def _apply_band(U, R, r0, r1, D, C):
 
 
 # ------------------------------------------------------------------------ driver side
+def _retrying(run, stats: WaveStats):
+    """``run()`` (one or more waves), run again after a lost worker or connection (up to
+    :data:`_MAX_WAVE_TRIES` times in all); the dask tasks it depends on are recomputed."""
+    for attempt in range(_MAX_WAVE_TRIES):
+        try:
+            return run()
+        except Exception as exc:
+            if type(exc).__name__ not in _RETRY_NAMES or attempt + 1 == _MAX_WAVE_TRIES:
+                raise
+            stats.retries += 1
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 def _sum_results(futures, *, single: bool = False):
     """The sums of the futures' results (tuples summed element-wise), gathered one at a
     time so that the driver holds two partial results at once, not one per band."""
@@ -164,7 +172,6 @@ class WaveStats:
     waves: int = 0
     retries: int = 0
     product_seconds: list = field(default_factory=list)
-    bytes_read: int = 0
 
 
 class BandedKernel:
@@ -206,8 +213,9 @@ class BandedKernel:
         self.n = self.rows.size
         if self.n < 1:
             raise InputError("rows must hold at least one train row")
-        self.bands = band_plan(self.cols.size, itemsize, band_bytes=band_bytes, align=align)
-        self.bands = [(r0, r1) for r0, r1 in _row_bands(self.n, self.bands)]
+        self.bands = band_plan(
+            self.n, self.cols.size * itemsize, band_bytes=band_bytes, align=align
+        )
         total = self.n * self.cols.size * itemsize
         if keep is None:
             info = client.scheduler_info()
@@ -235,25 +243,18 @@ class BandedKernel:
         gather the results in band order, submitting the wave again after a lost worker."""
         from distributed import wait
 
-        for attempt in range(_MAX_WAVE_TRIES):
-            try:
-                big = [self.client.scatter(x, broadcast=True, hash=False) for x in scatter]
-                futs = [
-                    self.client.submit(fn, *self._args(b), *per_band[b], *shared, *big, pure=False)
-                    for b in range(len(self.bands))
-                ]
-                wait(futs)
-                out = self.client.gather(futs)
-                self.stats.waves += 1
-                if not self.keep:
-                    self.stats.bytes_read += self.total_bytes
-                return out
-            except Exception as exc:  # a lost worker: the wave again
-                if type(exc).__name__ not in _RETRY_NAMES or attempt + 1 == _MAX_WAVE_TRIES:
-                    raise
-                self.stats.retries += 1
-                time.sleep(0.5)
-        raise AssertionError("unreachable")
+        def run():
+            big = [self.client.scatter(x, broadcast=True, hash=False) for x in scatter]
+            futs = [
+                self.client.submit(fn, *self._args(b), *per_band[b], *shared, *big, pure=False)
+                for b in range(len(self.bands))
+            ]
+            wait(futs)
+            out = self.client.gather(futs)
+            self.stats.waves += 1
+            return out
+
+        return _retrying(run, self.stats)
 
     def masks(self, mask: np.ndarray | None) -> list:
         return [(None if mask is None else mask[r0:r1],) for r0, r1 in self.bands]
@@ -291,9 +292,7 @@ class DistributedNystrom:
         n_s = K.n if mask is None else int(np.count_nonzero(mask))
         rank = int(min(max(rank, 1), n_s))
         c = K.client
-        per = [
-            (seed, K.bands, b, rank, None if mask is None else mask) for b in range(len(K.bands))
-        ]
+        per = [(seed, K.bands, b, rank, mask) for b in range(len(K.bands))]
         sk = [c.submit(_sketch, *K._args(b), *per[b], pure=False) for b in range(len(K.bands))]
         core, gram, ysq = _sum_results([c.submit(_second, f, pure=False) for f in sk])
         ynorm = np.sqrt(ysq)
@@ -322,34 +321,29 @@ class DistributedNystrom:
         self.seconds = time.perf_counter() - t0
 
     def apply(self, R: np.ndarray, shift: float) -> np.ndarray:
-        K, c = self.K, self.K.client
-        bands = K.bands
         from distributed import wait
 
-        for attempt in range(_MAX_WAVE_TRIES):
-            try:
-                Rf = c.scatter(np.asarray(R, np.float64), broadcast=True, hash=False)
-                parts = [
-                    c.submit(_ut_r, self.U[b], Rf, r0, r1, pure=False)
-                    for b, (r0, r1) in enumerate(bands)
-                ]
-                wait(parts)
-                C = sum(c.gather(parts))
-                D = (self.lam[-1] + shift) / (self.lam + shift) - 1.0
-                zs = [
-                    c.submit(_apply_band, self.U[b], Rf, r0, r1, D, C, pure=False)
-                    for b, (r0, r1) in enumerate(bands)
-                ]
-                wait(zs)
-                Z = np.concatenate(c.gather(zs))
-                K.stats.waves += 2
-                return Z
-            except Exception as exc:
-                if type(exc).__name__ not in _RETRY_NAMES or attempt + 1 == _MAX_WAVE_TRIES:
-                    raise
-                K.stats.retries += 1
-                time.sleep(0.5)
-        raise AssertionError("unreachable")
+        K, c = self.K, self.K.client
+        bands = K.bands
+        D = (self.lam[-1] + shift) / (self.lam + shift) - 1.0
+
+        def run():
+            Rf = c.scatter(np.asarray(R, np.float64), broadcast=True, hash=False)
+            parts = [
+                c.submit(_ut_r, self.U[b], Rf, r0, r1, pure=False)
+                for b, (r0, r1) in enumerate(bands)
+            ]
+            wait(parts)
+            C = sum(c.gather(parts))
+            zs = [
+                c.submit(_apply_band, self.U[b], Rf, r0, r1, D, C, pure=False)
+                for b, (r0, r1) in enumerate(bands)
+            ]
+            wait(zs)
+            K.stats.waves += 2
+            return np.concatenate(c.gather(zs))
+
+        return _retrying(run, K.stats)
 
 
 # ------------------------------------------------------------------------ the regression
