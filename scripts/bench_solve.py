@@ -145,8 +145,13 @@ def run_worker(args) -> dict:
             detail=rep.detail,
             stages=rep.stages,
         )
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = _peak_rss()
     return out
+
+
+def _peak_rss() -> int:
+    """Peak RSS of this process in bytes (run on each worker)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_distributed(args) -> dict:
@@ -212,12 +217,7 @@ def run_distributed(args) -> dict:
                     "nystrom_rank": nys.rank, "residual_history": info.history,
                 },
             )  # fmt: skip
-        peaks = client.run(
-            lambda: (
-                __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss
-                * 1024
-            )
-        )
+        peaks = client.run(_peak_rss)
         out["peak_worker_rss"] = max(peaks.values())
     finally:
         client.close()

@@ -258,8 +258,7 @@ class NystromDenseSolver:
             return out
 
         eps = np.finfo(np.float32).eps if single else None
-        shape = type("Shape", (), {"shape": (self.n, self.n)})()
-        self.nys = nystrom_preconditioner(shape, rank, seed=seed, sketch=sketch, eps=eps)
+        self.nys = nystrom_preconditioner(self.n, rank, seed=seed, sketch=sketch, eps=eps)
 
     def _matmul(self, P: np.ndarray, shift: float) -> np.ndarray:
         if self.rows is None:

@@ -488,7 +488,9 @@ def kernel_ridge(
 VAL_TOL = 1e-6
 
 
-def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str):
+def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str, rows=None):
+    """The route's solver for ``K`` (streamed) or ``dense`` (in memory; ``nystrom-dense``
+    solves on ``dense[rows][:, rows]`` without copying it)."""
     o = opts
     if route == "cholesky-dense":
         assert dense is not None
@@ -497,8 +499,9 @@ def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str):
     if route == "nystrom-dense":
         assert dense is not None
         return NystromDenseSolver(
-            dense, rank=o["rank"], seed=o["seed"], tol=o["tol"], max_iter=o["max_iter"], what=what
-        )
+            dense, rank=o["rank"], seed=o["seed"], tol=o["tol"], max_iter=o["max_iter"],
+            what=what, rows=rows,
+        )  # fmt: skip
     return _Solver(K, route, what=what, **opts)
 
 
@@ -507,12 +510,8 @@ def _select_ridge(K, dense, Y, y, val, fit, ridges, route, opts):
     fitting on the ``fit`` rows; also the per-ridge accuracies and MSEs."""
     n, n_classes = Y.shape
     if route == "nystrom-dense":  # no copy of the fit block: the route is memory-bound
-        o = opts
         Kvf = gather(dense, val, fit)
-        solver = NystromDenseSolver(
-            dense, rank=o["rank"], seed=o["seed"], tol=o["tol"], max_iter=o["max_iter"],
-            what="K_fit", rows=fit,
-        )  # fmt: skip
+        solver = _solver(None, dense, route, opts, "K_fit", rows=fit)
     elif dense is not None:
         Kf = gather(dense, fit, fit)
         Kvf = gather(dense, val, fit)

@@ -361,7 +361,8 @@ def nystrom_preconditioner(
 
     One streaming pass ``K @ Omega`` (float64), then small dense algebra in memory
     ``O(n * rank)``.  ``sketch``, a callable ``Omega -> K @ Omega``, replaces the pass (e.g.
-    an in-memory float32 product); ``eps`` is then its relative precision (default float64's).
+    an in-memory float32 product; ``K`` is then only its order ``n``); ``eps`` is its
+    relative precision (default float64's).
     """
     if sketch is None:
         K = as_block_source(K)
@@ -369,7 +370,7 @@ def nystrom_preconditioner(
         def sketch(omega):
             return sym_matmul(K, omega, block=block)
 
-    n = K.shape[0]
+    n = K if isinstance(K, int) else K.shape[0]
     rank = int(min(max(rank, 0), n))
     t0 = time.perf_counter()
     if rank == 0:
