@@ -1,6 +1,7 @@
 """deqntk_dist: NTK / NNGP Gram matrices of infinitely deep equilibrium models, tiled on Dask."""
 
 from .errors import (
+    ClusterError,
     DatasetError,
     DeqntkError,
     FixedPointError,
@@ -10,8 +11,10 @@ from .errors import (
     SpecError,
     StoreError,
     StoreMismatchError,
+    StoreNotFoundError,
 )
 from .kernels import KernelResult, finite_depth_kernel, kernel_matrix, self_covariance
+from .options import ComputeOptions, SolveOptions
 from .spec import CDEQSpec, DEQSpec, spec_from_dict
 from .store import open_kernel_store
 from .store.dataset import open_dataset_store, write_dataset_store
@@ -34,6 +37,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "CDEQSpec",
+    "ClusterError",
+    "ComputeOptions",
     "DEQSpec",
     "DatasetError",
     "DeqntkError",
@@ -42,10 +47,12 @@ __all__ = [
     "InputError",
     "KernelResult",
     "SolveError",
+    "SolveOptions",
     "SolveReport",
     "SpecError",
     "StoreError",
     "StoreMismatchError",
+    "StoreNotFoundError",
     "finite_depth_kernel",
     "kernel_matrix",
     "kernel_ridge",

@@ -1,8 +1,10 @@
-"""Plan -> Dask tasks -> kernel store: retries, bounded tiles in flight, leases, progress,
-resume.
+"""The driver: plan -> Dask tasks -> kernel store, with retries, bounded tiles in flight,
+leases, progress and resume.
 
 The per-chunk tasks (:func:`~deqntk_dist.tasks.run_tile`,
-:func:`~deqntk_dist.tasks.run_self_covariance`) run on the workers (:mod:`.tasks`).
+:func:`~deqntk_dist.tasks.run_self_covariance`) run on the workers (:mod:`.tasks`); their
+submission, the tile leases and the failure reports are :mod:`.scheduling`; the progress
+line is :mod:`.progress`.
 :func:`compute_kernel_store` checks the store before any cluster starts
 (:func:`~deqntk_dist.store.resume.prepare_resume`), then submits the missing tiles in the
 order that keeps a partial store usable (:meth:`~deqntk_dist.plan.TilePlan.usable_first`),
@@ -17,17 +19,16 @@ import contextlib
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import errors
-from .errors import DeqntkError, InputError, StoreError
+from .errors import InputError, StoreError
+from .options import ComputeOptions
 from .plan import cdeq_pair_seconds, choose_tile, tile_cap
+from .progress import Progress
 from .runtime import (
     RuntimeConfig,
     cluster_health,
@@ -35,6 +36,10 @@ from .runtime import (
     dashboard_link,
     dask_client,
 )
+from .scheduling import LEASE_POLL_SECONDS, TileSource
+from .scheduling import jobs_of as _jobs_of
+from .scheduling import raise_failures as _raise_failures
+from .scheduling import run_jobs as _run_jobs
 from .spec import CDEQSpec, DEQSpec
 from .store import (
     KERNEL_NAMES,
@@ -43,12 +48,10 @@ from .store import (
     create_kernel_store,
     open_kernel_store,
 )
-from .store.core import KERNEL_FORMAT_VERSION
 from .store.dataset import DatasetStore, open_dataset_store
-from .store.lease import NoLeases, TileLeases, leases_for
+from .store.lease import leases_for
 from .store.location import Location
 from .store.resume import prepare_resume
-from .store.shards import DEFAULT_CHUNK
 from .tasks import AuxJob, TileJob, run_self_covariance, run_tile
 
 __all__ = [
@@ -62,12 +65,6 @@ __all__ = [
 
 #: Default cap of the per-tile memory budget (bytes) when a worker has more memory.
 MAX_TILE_BUDGET = 2 * 2**30
-#: Smallest ``memory_budget`` accepted (bytes).
-MIN_MEMORY_BUDGET = 2**20
-#: Seconds between checks of tiles leased by another job.
-LEASE_POLL_SECONDS = 1.0
-#: seconds between runtime health checks while the driver waits for a tile (batch queues)
-HEALTH_POLL_SECONDS = 0.05
 
 
 # ------------------------------------------------------------------------ driver side
@@ -121,169 +118,13 @@ class ComputeReport:
     tiles_by_others: int = 0
 
 
-class Progress:
-    """One-line progress bar on a stream: tiles done/total, entries/s, ETA."""
-
-    def __init__(
-        self,
-        total_tiles,
-        done_tiles,
-        total_entries,
-        done_entries,
-        *,
-        stream=None,
-        enabled=True,
-        interval=None,
-    ):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
-        self.total_tiles, self.tiles = total_tiles, done_tiles
-        self.total_entries, self.entries = total_entries, done_entries
-        self.start_entries = done_entries
-        self.t0 = time.perf_counter()
-        self.last = -1e9
-
-    def update(self, entries: int, *, force: bool = False) -> None:
-        self.tiles += 1
-        self.entries += entries
-        self.show(force=force)
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        return (self.entries - self.start_entries) / dt if dt > 0 else 0.0
-
-    def show(self, *, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < self.interval):
-            return
-        self.last = now
-        rate = self.rate()
-        left = self.total_entries - self.entries
-        eta = _hms(left / rate) if rate > 0 else "?"
-        frac = self.entries / self.total_entries if self.total_entries else 1.0
-        bar = "#" * int(20 * frac)
-        line = (
-            f"[{bar:<20}] {self.tiles}/{self.total_tiles} tiles  "
-            f"{self.entries:.3g}/{self.total_entries:.3g} entries  {rate:.3g} entries/s  "
-            f"ETA {eta}"
-        )
-        end = "" if self.tty else "\n"
-        self.stream.write(("\r" + line if self.tty else line) + end)
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.show(force=True)
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _raise_failures(failures: list[dict]) -> None:
-    first = failures[0]
-    cls = getattr(errors, first.get("type", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, DeqntkError)):
-        cls = StoreError
-    more = f" (and {len(failures) - 1} more failed tasks)" if len(failures) > 1 else ""
-    msg = f"{first['what']} failed: {first['error']}{more}; finished tiles are kept in the store"
-    if cls is errors.FixedPointError:
-        raise errors.FixedPointError(msg)
-    raise cls(msg)
-
-
-def _run_jobs(
-    client,
-    fn,
-    next_job: Callable[[], Any],
-    *,
-    limit: int,
-    retries: int,
-    token: str,
-    on_result: Callable[[Any, dict], None],
-    on_failure: Callable[[Any], None] = lambda job: None,
-    more_later: Callable[[], bool] = lambda: False,
-    poll: float = LEASE_POLL_SECONDS,
-    health: Callable[[], None] | None = None,
-) -> list[dict]:
-    """Submit the jobs ``next_job()`` hands out (None: none now) with at most ``limit`` in
-    flight; ``on_result(job, report)`` per success.  While nothing is in flight and
-    ``more_later()`` says jobs may still come (tiles leased by another job), poll.
-    ``health()`` (if given) is called while waiting and raises when the runtime gave up
-    (a batch queue whose worker jobs keep failing to start).
-
-    Returns the failure reports (submission stops at the first failure; tasks already in
-    flight finish, so their work is kept).
-    """
-    from distributed import as_completed
-
-    failures: list[dict] = []
-    ac = as_completed()
-    jobs: dict[str, Any] = {}
-    count = 0
-
-    def fill() -> None:
-        nonlocal count
-        while len(jobs) < limit and not failures:
-            job = next_job()
-            if job is None:
-                return
-            key = f"deqntk-{fn.__name__}-{token}-{count}"
-            count += 1
-            jobs[key] = job
-            ac.add(client.submit(fn, job, key=key, retries=retries, pure=False))
-
-    fill()
-    while True:
-        if ac.is_empty():
-            if failures or not more_later():
-                break
-            time.sleep(poll)
-            fill()
-            continue
-        if health is not None:
-            while not ac.has_ready():
-                health()
-                time.sleep(HEALTH_POLL_SECONDS)
-        fut = next(ac)
-        job = jobs.pop(fut.key)
-        try:
-            out = fut.result()
-        except Exception as exc:  # remote error after retries, or a lost worker
-            out = {
-                "ok": False,
-                "what": job.describe(),
-                "type": "",
-                "error": f"{type(exc).__name__}: {exc}",
-            }
-        fut.release()
-        if out.get("ok"):
-            on_result(job, out)
-        else:
-            on_failure(job)
-            failures.append(out)
-        fill()
-    return failures
-
-
-def _jobs_of(items) -> Callable[[], Any]:
-    it = iter(items)
-    return lambda: next(it, None)
-
-
-def _store_options(spec, options, existing: KernelStore | None, dtype: str) -> dict:
-    """Kernel options of the store: as given, else the existing store's, else the defaults
-    (a CDEQ store records the slice tolerance its dtype needs)."""
-    if options is not None:
-        options = dict(options)
-        if isinstance(spec, DEQSpec) and "tol" in options:
-            raise InputError(f"tol applies to the cdeq kernel only, got options={options}")
-        return options
+def _store_options(spec, tol: float | None, existing: KernelStore | None, dtype: str) -> dict:
+    """Kernel options of the store (part of its identity): the CDEQ slice tolerance as
+    given, else the existing store's options, else the tolerance the dtype needs."""
+    if tol is not None:
+        if isinstance(spec, DEQSpec):
+            raise InputError(f"tol applies to the cdeq kernel only, got tol={tol!r}")
+        return {"tol": float(tol)}
     if existing is not None:
         return dict(existing.options)
     if isinstance(spec, CDEQSpec):
@@ -291,22 +132,6 @@ def _store_options(spec, options, existing: KernelStore | None, dtype: str) -> d
 
         return {"tol": FLOAT32_TOL if dtype == "float32" else DEFAULT_TOL}
     return {}
-
-
-def _validate(spec, kernels, dtype, ints: dict[str, tuple[Any, int]]) -> None:
-    if not isinstance(spec, DEQSpec | CDEQSpec):
-        raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
-    if kernels is not None:
-        bad = [k for k in kernels if k not in KERNEL_NAMES]
-        if bad or not kernels:
-            raise InputError(
-                f"what must be a non-empty list of {', '.join(KERNEL_NAMES)}, got {list(kernels)}"
-            )
-    if dtype is not None and dtype not in ("float32", "float64"):
-        raise InputError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    for name, (v, lo) in ints.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
 def _local_cluster(client, runtime: RuntimeConfig | None) -> bool:
@@ -336,23 +161,12 @@ def compute_kernel_store(
     dataset,
     store,
     spec: DEQSpec | CDEQSpec,
+    options: ComputeOptions | None = None,
     *,
-    kernels=None,
-    tile: int | None = None,
-    dtype: str | None = None,
-    options: dict | None = None,
     client=None,
     runtime: RuntimeConfig | None = None,
-    memory_budget: int | None = None,
-    max_in_flight: int | None = None,
-    retries: int = 2,
-    task_threads: int | None = 1,
-    max_tiles: int | None = None,
-    recompute_mismatched: bool = False,
-    progress: bool = True,
     log=None,
-    layout: int = KERNEL_FORMAT_VERSION,
-    chunk: int = DEFAULT_CHUNK,
+    **fields: Any,
 ) -> ComputeReport:
     """Compute (or finish) the kernel store of a dataset store on Dask.
 
@@ -361,45 +175,21 @@ def compute_kernel_store(
     dataset : str, Path or DatasetStore
         The dataset store (its rows are read by the workers).
     store : str or Path
-        Kernel store path; created if absent, resumed if present (same settings).
+        Kernel store path or URL; created if absent, resumed if present (same settings).
     spec : DEQSpec or CDEQSpec
-    kernels : sequence of {"ntk", "nngp"}, optional
-        Arrays to store (default: the existing store's, else both).
-    tile : int, optional
-        Tile side (default: the existing store's, else from ``memory_budget``); a tile
-        larger than the number of rows is one tile of all rows.
-    dtype : {"float32", "float64"}, optional
-        Store dtype (default: the existing store's, else float32).
-    options : dict, optional
-        Extra keyword options for every tile's ``kernel_matrix`` call, part of the store's
-        identity (default: the existing store's; for a new CDEQ store ``{"tol": t}`` with
-        the slice tolerance of its dtype, 1e-9 for float32 and 1e-13 for float64).
+    options : ComputeOptions, optional
+        What the store holds and how its tiles are scheduled (default
+        ``ComputeOptions()``): kernels, tile, dtype, CDEQ slice tolerance, memory budget,
+        tiles in flight, retries, threads per task, max tiles, layout, ...
+    **fields
+        :class:`~deqntk_dist.options.ComputeOptions` fields that replace those of
+        ``options`` (``compute_kernel_store(ds, ks, spec, tile=64, kernels=("ntk",))``).
     client : distributed.Client, optional
         Use this client; otherwise one is started from ``runtime`` and closed at the end.
     runtime : RuntimeConfig, optional
         LocalCluster (default), ``scheduler`` address, or a batch cluster.
-    memory_budget : int, optional
-        Bytes per tile on a worker, at least 1 MiB (default: half the worker memory limit,
-        at most 2 GiB).
-    max_in_flight : int, optional
-        Tiles submitted at once (default: 2 x worker threads, at least 2).
-    retries : int
-        Dask retries per task (I/O errors, lost workers).
-    task_threads : int or None
-        numba / BLAS threads inside a task, >= 1 (default 1; None leaves the worker's).
-    max_tiles : int, optional
-        Compute at most this many tiles in this call (e.g. to bound a batch job); the
-        others stay missing for a later call.
-    recompute_mismatched : bool
-        Recompute finished tiles whose identity digest differs from the store's (its attrs
-        were changed after they were written) instead of refusing the store.
-    progress : bool
-        Progress bar on stderr.
     log : callable, optional
         Receives one-line messages (default: print to stderr).
-    layout, chunk : int
-        Layout of a new store (2: one shard per tile with ``chunk``-sided inner chunks; 1:
-        one chunk per tile) and its inner chunk side; an existing store keeps its own.
 
     Returns
     -------
@@ -415,15 +205,16 @@ def compute_kernel_store(
     FixedPointError
         A tile did not converge (the tiles that finished stay in the store).
     """
-    ints = {
-        "tile": (tile, 1),
-        "max_in_flight": (max_in_flight, 1),
-        "retries": (retries, 0),
-        "memory_budget": (memory_budget, MIN_MEMORY_BUDGET),
-        "task_threads": (task_threads, 1),
-        "max_tiles": (max_tiles, 1),
-    }
-    _validate(spec, kernels, dtype, ints)
+    if options is not None and not isinstance(options, ComputeOptions):
+        raise InputError(f"options must be a ComputeOptions, got {type(options).__name__}")
+    opts = (options or ComputeOptions()).replace(**fields)
+    if not isinstance(spec, DEQSpec | CDEQSpec):
+        raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
+    kernels, tile, dtype = opts.kernels, opts.tile, opts.dtype
+    memory_budget, max_in_flight, retries = opts.memory_budget, opts.max_in_flight, opts.retries
+    task_threads, max_tiles = opts.task_threads, opts.max_tiles
+    recompute_mismatched, progress = opts.recompute_mismatched, opts.progress
+    layout, chunk = opts.layout, opts.chunk
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     ds = dataset if isinstance(dataset, DatasetStore) else open_dataset_store(dataset)
     check_dataset_shape(ds, spec)
@@ -431,7 +222,7 @@ def compute_kernel_store(
     existing = open_kernel_store(path) if path.exists() else None
 
     dtype = dtype or (existing.dtype.name if existing else "float32")
-    options = _store_options(spec, options, existing, dtype)
+    kernel_options = _store_options(spec, opts.tol, existing, dtype)
 
     def make_store(tile: int) -> KernelStore:
         ks = create_kernel_store(
@@ -441,7 +232,8 @@ def compute_kernel_store(
             tile=tile,
             dtype=dtype,
             kernels=kernels or (existing.kernels if existing else KERNEL_NAMES),
-            options=options,
+            options=kernel_options,
+            compute_options=opts.to_dict(),
             layout=layout,
             chunk=chunk,
         )
@@ -533,64 +325,6 @@ def _check_parent(path: Path) -> None:
         ) from exc
 
 
-class _TileSource:
-    """Hands out the missing tiles in order, each only once this job holds its lease and
-    it is still not done; tiles leased by another job wait and are checked again."""
-
-    def __init__(
-        self, ks: KernelStore, order, leases: TileLeases | NoLeases, *, max_tiles, poll, say
-    ):
-        self.ks, self.leases, self.say, self.poll = ks, leases, say, poll
-        self.queue = deque(order)
-        self.waiting: dict[tuple[int, int], Any] = {}
-        self.left = max_tiles if max_tiles is not None else len(self.queue)
-        self.by_others = 0
-        self.next_check = 0.0
-        self.announced = False
-
-    def _take(self, t: tuple[int, int]) -> bool:
-        got, holder = self.leases.acquire(*t)
-        if not got:
-            self.waiting[t] = holder
-            return False
-        if self.ks.tile_done(*t):  # finished by another job before we leased it
-            self.leases.release(*t)
-            self.by_others += 1
-            return False
-        return True
-
-    def __call__(self) -> tuple[int, int] | None:
-        if self.left <= 0:
-            return None
-        while self.queue:
-            t = self.queue.popleft()
-            if self._take(t):
-                self.left -= 1
-                return t
-        if self.waiting and not self.announced:
-            holders = {h.describe() for h in self.waiting.values() if h is not None}
-            self.say(
-                f"deqntk: {len(self.waiting)} tiles are being computed by another job "
-                f"({', '.join(sorted(holders)) or 'unknown'}); waiting for them"
-            )
-            self.announced = True
-        now = time.monotonic()
-        if self.waiting and now >= self.next_check:
-            self.next_check = now + self.poll
-            for t in list(self.waiting):
-                if self.ks.tile_done(*t):
-                    del self.waiting[t]
-                    self.by_others += 1
-                elif self._take(t):
-                    del self.waiting[t]
-                    self.left -= 1
-                    return t
-        return None
-
-    def more_later(self) -> bool:
-        return self.left > 0 and bool(self.waiting)
-
-
 def _compute_tiles(
     cl, ks, ds, summary, *, limit, retries, token, task_threads, max_tiles, progress, say
 ):
@@ -627,7 +361,7 @@ def _compute_tiles(
 
     t0 = time.perf_counter()
     with leases_for(ks) as leases:
-        source = _TileSource(
+        source = TileSource(
             ks, missing, leases, max_tiles=max_tiles, poll=LEASE_POLL_SECONDS, say=say
         )
 

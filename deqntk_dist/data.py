@@ -13,6 +13,7 @@ cap, CIFAR pickles through a restricted unpickler that cannot build arrays; see
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -21,7 +22,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 # IDX type codes (third magic byte) -> big-endian numpy dtype.
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -147,7 +148,7 @@ def _check_labels(what: str, y, n_expected: int, *, n_classes: int | None = None
 
 
 # ----------------------------------------------------------------------------------------- IDX
-def _idx_header(stream: IO[bytes], path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+def _idx_header(stream: io.BufferedIOBase, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
     """dtype, shape and header length of an IDX stream positioned at its start."""
     head = read_exactly(stream, 4)
     if len(head) < 4:
@@ -254,7 +255,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                 stream, kind = open_stream(path, label)
                 skip_bytes(stream, header)
             buf = np.empty(expected, dtype=np.uint8)
-            view, pos = memoryview(buf), 0
+            # numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12
+            view, pos = memoryview(buf), 0  # type: ignore[arg-type]
             while pos < expected:
                 n = stream.readinto(view[pos:])
                 if not n:
@@ -449,7 +451,8 @@ def _cifar_from_tar(archive: Path) -> tuple[dict[str, tuple], list[dict[str, Any
     stream, kind = open_stream(archive, label)
     capped = CappedReader(stream, _CIFAR_TAR_MAX_BYTES, label, "tar data")
     try:
-        with stream, tarfile.open(fileobj=capped, mode="r|", tarinfo=BoundedTarInfo) as tar:
+        # typeshed asks fileobj for write/tell/seek/close too, which stream mode never calls
+        with stream, tarfile.open(fileobj=capped, mode="r|", tarinfo=BoundedTarInfo) as tar:  # type: ignore[call-overload]
             for count, member in enumerate(tar, 1):
                 if count > _CIFAR_TAR_MAX_MEMBERS:
                     raise DatasetError(
@@ -642,13 +645,21 @@ def load_npz(source: str | os.PathLike) -> RawDataset:
         out[f"y_{split}"] = _check_labels(
             f"npz array {keys[f'y_{split}']!r}", arrays[keys[f"y_{split}"]], x.shape[0]
         )
-    if out["x_test"] is not None and out["x_test"].shape[1:] != out["x_train"].shape[1:]:
+    x_train, y_train, x_test = out["x_train"], out["y_train"], out["x_test"]
+    assert x_train is not None and y_train is not None  # ``keys`` always has the train split
+    if x_test is not None and x_test.shape[1:] != x_train.shape[1:]:
         raise DatasetError(
-            f"npz x_test feature shape {out['x_test'].shape[1:]} differs from x_train "
-            f"{out['x_train'].shape[1:]}"
+            f"npz x_test feature shape {x_test.shape[1:]} differs from x_train {x_train.shape[1:]}"
         )
     source_info = {"format": "npz", "path": str(path.resolve()), "files": records}
-    return RawDataset(name="npz", source=source_info, **out)
+    return RawDataset(
+        name="npz",
+        source=source_info,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=out["y_test"],
+    )
 
 
 # -------------------------------------------------------------------------------- entry point
@@ -657,7 +668,7 @@ def ensure_fashion_mnist(*, install: bool = True) -> Path:
 
     Installs ``dataset-fashion-mnist`` with ``apt-get`` when the files are missing, the
     process runs as root and ``apt-get`` exists; otherwise raises a :class:`DatasetError`
-    that says exactly what to run (or to pass ``--source``).
+    that says exactly what to run (or to pass ``source=DIR``).
     """
     directory = Path(FASHION_MNIST_DIR)
     have = directory.is_dir() and any(directory.glob("train-images-idx3-ubyte*"))
@@ -667,7 +678,7 @@ def ensure_fashion_mnist(*, install: bool = True) -> Path:
         f"install it with `sudo apt-get update && sudo apt-get install -y "
         f"{FASHION_MNIST_PACKAGE}` (Debian/Ubuntu), or download the four IDX files "
         "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-        "t10k-labels-idx1-ubyte.gz) into a directory and pass it as --source"
+        "t10k-labels-idx1-ubyte.gz) into a directory and pass it as source=DIR"
     )
     apt = shutil.which("apt-get")
     if not install or apt is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
@@ -704,7 +715,7 @@ def load_dataset(
         raise DatasetError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
     if source is None:
         if name != "fashion-mnist":
-            raise DatasetError(f"dataset {name!r} needs a source path (--source), got none")
+            raise DatasetError(f"dataset {name!r} needs a source path (source=PATH), got none")
         source = ensure_fashion_mnist(install=install)
     if name in ("fashion-mnist", "mnist"):
         return load_idx_dataset(source, name=name)

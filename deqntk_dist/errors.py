@@ -7,6 +7,9 @@ naturally catch (``ValueError`` for bad input, ``ArithmeticError`` for numerical
 
 from __future__ import annotations
 
+import copy
+from typing import Any, Self
+
 __all__ = [
     "DeqntkError",
     "SpecError",
@@ -24,8 +27,30 @@ __all__ = [
 ]
 
 
+def _rebuild(cls: type, args: tuple, kwargs: dict[str, Any]) -> BaseException:
+    """Unpickle an exception: ``cls(*args, **kwargs)`` (its ``__dict__`` is restored after)."""
+    return cls(*args, **kwargs)
+
+
 class DeqntkError(Exception):
-    """Base class of every error raised by deqntk_dist."""
+    """Base class of every error raised by deqntk_dist.
+
+    Every subclass pickles with its attributes (a worker's error reaches the driver as
+    itself): the constructor's keyword-only attributes are named in ``_keyword_attrs``.
+    """
+
+    #: attributes passed back to the constructor as keywords when unpickling
+    _keyword_attrs: tuple[str, ...] = ()
+
+    def __reduce__(self):
+        kwargs = {name: getattr(self, name) for name in self._keyword_attrs}
+        return (_rebuild, (type(self), self.args, kwargs), dict(self.__dict__) or None)
+
+    def with_message(self, message: str) -> Self:
+        """A copy of this error (same type and attributes) whose message is ``message``."""
+        new = copy.copy(self)
+        new.args = (message,)
+        return new
 
 
 class SpecError(DeqntkError, ValueError):
@@ -47,6 +72,8 @@ class FixedPointError(DeqntkError, ArithmeticError):
         Total number of failing entries.
     """
 
+    _keyword_attrs = ("entries", "n_failed")
+
     def __init__(self, message: str, *, entries=(), n_failed: int = 0):
         super().__init__(message)
         self.entries = list(entries)
@@ -58,13 +85,18 @@ class StoreError(DeqntkError, RuntimeError):
 
 
 class ClusterError(DeqntkError, RuntimeError):
-    """The batch system did not provide workers (jobs that ended before their worker started).
+    """The runtime did not provide workers: no scheduler reachable at the given address or
+    scheduler file, no worker joined in time, or batch jobs that ended before their worker
+    started.
 
     Attributes
     ----------
     jobs : list of dict
-        One ``{"job_id", "state", "log"}`` per worker job that failed to start.
+        One ``{"job_id", "state", "log"}`` per worker job that failed to start (empty for
+        scheduler problems).
     """
+
+    _keyword_attrs = ("jobs",)
 
     def __init__(self, message: str, *, jobs=()):
         super().__init__(message)

@@ -32,6 +32,7 @@ import numpy as np
 
 from .data import DATASETS, load_dataset
 from .errors import DatasetWarning, InputError, StoreError, StoreMismatchError
+from .options import ComputeOptions, SolveOptions
 from .preprocess import PreprocessConfig, fit_preprocessing, select_rows
 from .store.dataset import DatasetStore, open_dataset_store, write_dataset_store
 from .store.location import Location
@@ -126,13 +127,19 @@ class PrepareRequest:
         if self.layout not in LAYOUTS:
             raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
+    @property
+    def preprocessing(self) -> PreprocessConfig:
+        """The preprocessing (the dataset's default filled in when none was given)."""
+        assert self.preprocess is not None  # __post_init__ filled it in
+        return self.preprocess
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
             "source": self.source,
             "n_train": self.n_train,
             "n_test": self.n_test,
-            "preprocess": self.preprocess.to_dict(),
+            "preprocess": self.preprocessing.to_dict(),
             "seed": int(self.seed),
             "layout": self.layout,
         }
@@ -234,7 +241,7 @@ def prepare_dataset(
         if not overwrite:
             raise StoreMismatchError(
                 f"dataset store {out} already exists with other parameters ({_diff(have, want)});"
-                " pass --overwrite to replace it or choose another path"
+                " pass overwrite=True to replace it or choose another path"
             )
     raw = load_dataset(request.dataset, request.source, install=install)
     if request.layout == "image" and len(raw.feature_shape) != 3:
@@ -246,7 +253,7 @@ def prepare_dataset(
         raw, request.n_train, request.n_test, seed=request.seed
     )
     warn_unseen_test_classes(np.concatenate([ys, yt]), ys.shape[0], f"dataset {raw.name}")
-    fitted = fit_preprocessing(request.preprocess, xs)
+    fitted = fit_preprocessing(request.preprocessing, xs)
     feature_shape = (
         raw.feature_shape if request.layout == "image" else (int(np.prod(raw.feature_shape)),)
     )
@@ -274,10 +281,10 @@ def prepare_dataset(
 
 # ---------------------------------------------------------------------------------------- run
 def _kernel_store_state(
-    path: Location, spec, dataset: DatasetStore, kernels, dtype, options=None
+    path: Location, spec, dataset: DatasetStore, compute: ComputeOptions
 ) -> str:
     """``absent``, ``complete``, ``partial`` or ``mismatch`` (other spec, data, kernels,
-    dtype or kernel options)."""
+    dtype or slice tolerance)."""
     if not path.exists():
         return "absent"
     from .store import open_kernel_store
@@ -291,9 +298,9 @@ def _kernel_store_state(
         ks.spec != spec
         or ks.n != dataset.n
         or ks.dataset_fingerprint != dataset.fingerprint
-        or not kernels_cover(ks.kernels, kernels)
-        or (dtype is not None and ks.dtype.name != dtype)
-        or (options is not None and ks.options != options)
+        or not kernels_cover(ks.kernels, compute.kernels)
+        or (compute.dtype is not None and ks.dtype.name != compute.dtype)
+        or (compute.tol is not None and ks.options.get("tol") != compute.tol)
     ):
         return "mismatch"
     return "complete" if ks.is_complete() else "partial"
@@ -344,9 +351,13 @@ def _json_default(obj):
     return str(obj)
 
 
-def _solve_params(kernel: str, lambdas, method: str) -> dict[str, Any]:
-    lam = None if lambdas is None else [float(v) for v in lambdas]
-    return {"kernel": kernel, "lambdas": lam, "method": method}
+def _checked(value, cls, name: str):
+    """``value`` if it is a ``cls`` (None: the defaults)."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise InputError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    return value
 
 
 def run_pipeline(
@@ -354,21 +365,12 @@ def run_pipeline(
     request: PrepareRequest,
     spec,
     *,
-    kernels=None,
-    solve_kernel: str = "ntk",
-    lambdas=None,
-    solve_method: str = "auto",
-    tile: int | None = None,
-    dtype: str | None = None,
-    options: dict | None = None,
+    compute: ComputeOptions | None = None,
+    solve: SolveOptions | None = None,
     runtime=None,
     client=None,
-    memory_budget: int | None = None,
-    max_tiles: int | None = None,
-    recompute_mismatched: bool = False,
     overwrite: bool = False,
     install: bool = True,
-    progress: bool = True,
     log=None,
     stores=None,
 ) -> dict[str, Any]:
@@ -383,24 +385,19 @@ def run_pipeline(
         Dataset, subset sizes and preprocessing (``layout`` must fit the spec: ``flat`` for
         a DEQSpec, ``image`` for a CDEQSpec or a DEQSpec with ``hflip``).
     spec : DEQSpec or CDEQSpec
-    kernels : sequence of {"ntk", "nngp"}, optional
-        Arrays of the kernel store (default: both).
-    solve_kernel : {"ntk", "nngp"}
-        Kernel the regression stage uses.
-    lambdas : sequence of float, optional
-        Relative ridge grid of the regression stage (default: the solver's); the ridge is
-        chosen on a validation split of the training rows (one value: used as given).
-    solve_method : {"auto", "cholesky", "cg"}
-        Route of :func:`deqntk_dist.regression.solve_store`.
-    tile, dtype, options, runtime, client, memory_budget, max_tiles, recompute_mismatched
-        Passed to :func:`deqntk_dist.compute.compute_kernel_store` (with ``max_tiles`` an
-        unfinished store ends the run after the compute stage, with a report saying so).
+    compute : ComputeOptions, optional
+        The kernel store and its scheduling, as for
+        :func:`deqntk_dist.compute.compute_kernel_store` (with ``max_tiles`` an unfinished
+        store ends the run after the compute stage, with a report saying so).
+    solve : SolveOptions, optional
+        The regression stage, as for :func:`deqntk_dist.regression.solve_store`; its
+        kernel must be among ``compute.kernels``.
+    runtime, client
+        Where the compute stage runs (default: a LocalCluster).
     overwrite : bool
         Replace stored stages made with other parameters (and everything downstream).
     install : bool
         Allow installing Fashion-MNIST with apt-get.
-    progress : bool
-        Progress bar of the compute stage.
     log : callable, optional
         Receives one-line progress messages (default: stderr).
     stores : path or store URL, optional
@@ -422,8 +419,9 @@ def run_pipeline(
     if request.layout != want_layout:
         what = f"the {spec.kind} kernel" + (" with hflip" if spec.hflip else "")
         raise InputError(f"layout must be {want_layout!r} for {what}, got {request.layout!r}")
-    if solve_kernel not in ("ntk", "nngp"):
-        raise InputError(f"solve_kernel must be 'ntk' or 'nngp', got {solve_kernel!r}")
+    compute = _checked(compute, ComputeOptions, "compute")
+    solve = _checked(solve, SolveOptions, "solve")
+    kernels, solve_kernel = compute.kernels, solve.kernel
     if kernels is not None and solve_kernel not in kernels:
         raise InputError(
             f"kernels must include the solve kernel {solve_kernel!r}, got {list(kernels)}"
@@ -431,42 +429,44 @@ def run_pipeline(
     work = Path(workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
     where = Location.parse(work if stores is None else stores, param="stores")
-    paths = {
-        "dataset_store": where.child("dataset.zarr"),
-        "kernel_store": where.child("kernel.zarr"),
-        "solve_report": work / "solve.json",
-        "report": work / "report.json",
+    dataset_path, kernel_path = where.child("dataset.zarr"), where.child("kernel.zarr")
+    solve_path, report_path = work / "solve.json", work / "report.json"
+    paths: dict[str, Location | Path] = {
+        "dataset_store": dataset_path,
+        "kernel_store": kernel_path,
+        "solve_report": solve_path,
+        "report": report_path,
     }
     t_start = time.perf_counter()
     stages: dict[str, dict[str, Any]] = {}
 
     # 1. prepare
-    have = _stored_request(paths["dataset_store"]) if paths["dataset_store"].exists() else None
-    if paths["dataset_store"].exists() and have != request.to_dict():
+    have = _stored_request(dataset_path) if dataset_path.exists() else None
+    if dataset_path.exists() and have != request.to_dict():
         if not overwrite:
             raise StoreMismatchError(
-                f"dataset store {paths['dataset_store']} was prepared with other parameters "
-                f"({_diff(have, request.to_dict())}); pass --overwrite to redo the job in "
-                f"{work} or use another --workdir"
+                f"dataset store {dataset_path} was prepared with other parameters "
+                f"({_diff(have, request.to_dict())}); pass overwrite=True to redo the job in "
+                f"{work} or use another workdir"
             )
         for key in ("kernel_store", "solve_report"):
             _remove(paths[key])
-    say(f"deqntk run: prepare {request.dataset} -> {paths['dataset_store']}")
-    prep = prepare_dataset(paths["dataset_store"], request, overwrite=overwrite, install=install)
+    say(f"deqntk run: prepare {request.dataset} -> {dataset_path}")
+    prep = prepare_dataset(dataset_path, request, overwrite=overwrite, install=install)
     ds = prep.store
     stages["prepare"] = {"seconds": round(prep.seconds, 3), "reused": prep.reused}
 
     # 2. compute
-    state = _kernel_store_state(paths["kernel_store"], spec, ds, kernels, dtype, options)
+    state = _kernel_store_state(kernel_path, spec, ds, compute)
     if state == "mismatch":
         if not overwrite:
             raise StoreMismatchError(
-                f"kernel store {paths['kernel_store']} belongs to another spec, dataset, "
-                "kernels, dtype or tolerance; pass --overwrite to recompute it or use another "
-                "--workdir"
+                f"kernel store {kernel_path} belongs to another spec, dataset, "
+                "kernels, dtype or tolerance; pass overwrite=True to recompute it or use another "
+                "workdir"
             )
-        _remove(paths["kernel_store"])
-        _remove(paths["solve_report"])
+        _remove(kernel_path)
+        _remove(solve_path)
         state = "absent"
     t0 = time.perf_counter()
     if state == "complete":
@@ -474,22 +474,9 @@ def run_pipeline(
     else:
         from .compute import compute_kernel_store
 
-        say(f"deqntk run: compute {spec.kind} kernel store -> {paths['kernel_store']}")
+        say(f"deqntk run: compute {spec.kind} kernel store -> {kernel_path}")
         rep = compute_kernel_store(
-            ds,
-            paths["kernel_store"],
-            spec,
-            kernels=kernels,
-            tile=tile,
-            dtype=dtype,
-            options=options,
-            client=client,
-            runtime=runtime,
-            memory_budget=memory_budget,
-            max_tiles=max_tiles,
-            recompute_mismatched=recompute_mismatched,
-            progress=progress,
-            log=say,
+            ds, kernel_path, spec, compute, client=client, runtime=runtime, log=say
         )
         stages["compute"] = {
             "seconds": round(time.perf_counter() - t0, 3),
@@ -501,56 +488,60 @@ def run_pipeline(
             "max_residual": rep.max_residual,
             "workers": rep.workers,
         }
-        _remove(paths["solve_report"])  # new kernel values: an older solve is stale
+        _remove(solve_path)  # new kernel values: an older solve is stale
     from .store import open_kernel_store
 
-    ks = open_kernel_store(paths["kernel_store"])
+    ks = open_kernel_store(kernel_path)
     stages["compute"]["tile"] = ks.tile
 
     # 3. solve
-    params = _solve_params(solve_kernel, lambdas, solve_method)
-    identity = {"spec": spec.to_dict(), "dataset_fingerprint": ds.fingerprint, **params}
-    solve = None
+    identity = {
+        "spec": spec.to_dict(),
+        "dataset_fingerprint": ds.fingerprint,
+        "solve": solve.to_dict(),
+    }
+    record = None
     missing = len(ks.missing_tiles())
     if missing:  # --max-tiles stopped the compute stage: nothing to solve yet
-        say(f"deqntk run: {missing} tiles left in {paths['kernel_store']}; rerun to finish")
-        solve = {"identity": identity, "result": {}}
+        say(f"deqntk run: {missing} tiles left in {kernel_path}; rerun to finish")
+        record = {"identity": identity, "result": {}}
         stages["solve"] = {"seconds": 0.0, "reused": False, "skipped": "kernel store incomplete"}
-    if solve is None and paths["solve_report"].exists():
+    if record is None and solve_path.exists():
         try:
-            old = json.loads(paths["solve_report"].read_text())
+            old = json.loads(solve_path.read_text())
         except (OSError, ValueError):
             old = None
         if old is not None and old.get("identity") == identity:
-            solve = old
+            record = old
             stages["solve"] = {"seconds": 0.0, "reused": True}
-    if solve is None:
-        say(f"deqntk run: solve ({solve_kernel}) -> {paths['solve_report']}")
+    if record is None:
+        say(f"deqntk run: solve ({solve_kernel}) -> {solve_path}")
         t0 = time.perf_counter()
-        result = _solve(paths["kernel_store"], solve_kernel, lambdas, solve_method)
-        solve = {"identity": identity, "result": result}
-        _write_json(paths["solve_report"], solve)
+        result = _solve(kernel_path, solve)
+        record = {"identity": identity, "result": result}
+        _write_json(solve_path, record)
         stages["solve"] = {"seconds": round(time.perf_counter() - t0, 3), "reused": False}
 
-    result = solve["result"]
+    result = record["result"]
     report = {
         "kernel": spec.to_dict(),
         "dataset": ds.name,
         "n_train": ds.n_train,
         "n_test": ds.n_test,
         "feature_shape": list(ds.feature_shape),
-        "preprocessing": request.preprocess.to_dict(),
+        "preprocessing": request.preprocessing.to_dict(),
         "solve_kernel": solve_kernel,
         "accuracy": result.get("accuracy"),
-        "lambda": result.get("ridge"),
-        "solve_method": result.get("method"),
+        "ridge": result.get("ridge"),
+        "solver_route": result.get("method"),
         "tiles_left": missing,
         "stages": stages,
         "total_seconds": round(time.perf_counter() - t_start, 3),
         "paths": {k: str(v) for k, v in paths.items()},
         "request": request.to_dict(),
+        "options": {"compute": compute.to_dict(), "solve": solve.to_dict()},
     }
-    _write_json(paths["report"], report)
+    _write_json(report_path, report)
     return report
 
 
@@ -581,21 +572,21 @@ def format_report(report: dict[str, Any]) -> str:
             what += f" ({st['tiles_computed']} tiles of {st['tile']}, {rate:.3g} entries/s)"
         lines.append(f"{name + ':':<10} {what}")
     acc = report["accuracy"]
-    lam = report.get("lambda")
+    lam = report.get("ridge")
     if report.get("tiles_left"):
         lines.append(f"accuracy:  n/a ({report['tiles_left']} tiles left: rerun to finish)")
     elif acc is None:
         lines.append("accuracy:  n/a (no test rows)")
     else:
-        lines.append(f"accuracy:  {acc:.4f}" + (f" (lambda={lam:g})" if lam is not None else ""))
+        lines.append(f"accuracy:  {acc:.4f}" + (f" (ridge={lam:g})" if lam is not None else ""))
     for key, path in report["paths"].items():
         lines.append(f"{key + ':':<15}{path}")
     lines.append(f"total:     {report['total_seconds']:.1f} s")
     return "\n".join(lines)
 
 
-def _solve(kernel_store, kernel: str, lambdas, method: str) -> dict[str, Any]:
+def _solve(kernel_store, options: SolveOptions) -> dict[str, Any]:
     """Run the regression stage on a complete kernel store; its JSON report as a dict."""
     from .regression import solve_store
 
-    return solve_store(kernel_store, kernel=kernel, ridges=lambdas, method=method).to_dict()
+    return solve_store(kernel_store, options).to_dict()

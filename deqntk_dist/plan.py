@@ -198,6 +198,7 @@ def cdeq_pixel_pairs(readout: str, pool_size: int | None, H: int, W: int) -> tup
         return H * W, 1
     if readout == "gap":
         return (H * W) ** 2, (2 * H - 1) * (2 * W - 1)
+    assert pool_size is not None  # readout "lap" has a window (CDEQSpec checks)
     e1, e2 = min(pool_size - 1, H - 1), min(pool_size - 1, W - 1)
     rows = sum(H - abs(d) for d in range(-e1, e1 + 1))
     cols = sum(W - abs(d) for d in range(-e2, e2 + 1))
@@ -259,8 +260,8 @@ def check_plan_size(n: int, tile: int, *, pair_seconds: float, files_per_tile: i
         f"tile must give at most {limit:,} tiles for n = {n:,} rows (each tile costs "
         f"~{TILE_OVERHEAD_SECONDS:g} s of scheduling and ~{files_per_tile} files, against "
         f"~{compute:.3g} s of kernel maths in all), got tile {tile}: {plan.n_tiles:,} tiles "
-        f"and ~{plan.n_tiles * files_per_tile:,} files; use --tile {suggest} or larger, or "
-        "leave --tile out for the default"
+        f"and ~{plan.n_tiles * files_per_tile:,} files; use tile={suggest} or larger, or "
+        "leave the tile unset for the default"
     )
 
 

@@ -162,6 +162,7 @@ class FittedPreprocessing:
                 z = z / self.std
                 _check_finite(z, "standardize", first_row)
             if self.whitening is not None:
+                assert self.zca_mean is not None  # fitted together with the whitening
                 z = (z - self.zca_mean) @ self.whitening
                 _check_finite(z, "zca", first_row)
         if "unit-norm" in self.config.steps:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from .errors import InputError, StoreError
+from .config import DEFAULTS, setting
+from .errors import ClusterError, InputError
 
 __all__ = [
     "DEFAULT_DASHBOARD_ADDRESS",
@@ -87,8 +88,8 @@ class RuntimeConfig:
     Parameters
     ----------
     scheduler : str, optional
-        Address of a running scheduler (``tcp://host:8786``) or a scheduler JSON file;
-        overrides ``cluster``.
+        Address of a running scheduler (``tcp://host:8786``) or a scheduler JSON file
+        (a path ending in ``.json``); overrides ``cluster``.
     cluster : {"local", "slurm", "pbs"}
         ``local`` starts a LocalCluster; ``slurm`` / ``pbs`` start dask-jobqueue workers
         configured by dask's ``jobqueue`` config (``~/.config/dask/jobqueue.yaml`` or
@@ -105,6 +106,11 @@ class RuntimeConfig:
         for jobqueue ``jobqueue.<kind>.scheduler-options.dashboard_address``, then
         :data:`DEFAULT_DASHBOARD_ADDRESS` (127.0.0.1 only).  ``":8787"`` serves every
         interface: the dashboard has no authentication.
+    connect_timeout : float, optional
+        Seconds to wait for the ``scheduler`` to answer (and for its scheduler file to
+        appear).  Default: dask config ``deqntk.connect-timeout``
+        (``DASK_DEQNTK__CONNECT_TIMEOUT``, a duration such as ``"30s"``), else
+        dask config ``deqntk.connect-timeout`` (default 10 s).
     """
 
     scheduler: str | None = None
@@ -112,8 +118,19 @@ class RuntimeConfig:
     workers: int | None = None
     memory_limit: str | int | None = None
     dashboard_address: str | None = None
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
+        if self.scheduler is not None and not (
+            isinstance(self.scheduler, str) and self.scheduler.strip()
+        ):
+            raise InputError(
+                "scheduler must be a scheduler address (e.g. 'tcp://HOST:8786') or the path "
+                f"of a scheduler JSON file, got {self.scheduler!r}"
+            )
+        t = self.connect_timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
+            raise InputError(f"connect_timeout must be a number of seconds > 0, got {t!r}")
         if self.cluster not in CLUSTER_KINDS:
             raise InputError(
                 f"cluster must be one of {', '.join(CLUSTER_KINDS)}, got {self.cluster!r}"
@@ -131,11 +148,10 @@ def resolve_dashboard_address(config: RuntimeConfig | None = None) -> str | None
     Returns ``None`` when neither sets one (the runtime then uses its own default, which is
     on 127.0.0.1).  A malformed value raises :class:`InputError` naming where it came from.
     """
-    import dask
 
     if config is not None and config.dashboard_address is not None:
         return config.dashboard_address
-    value = dask.config.get("deqntk.dashboard-address", None)
+    value = setting("dashboard-address")
     if value is None or value == "":
         return None
     return _check_dashboard_address(
@@ -200,19 +216,140 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _connect_timeout(config: RuntimeConfig) -> float:
+    """Seconds to wait for a running scheduler: ``config``, dask config, default."""
+    from dask.utils import parse_timedelta
+
+    if config.connect_timeout is not None:
+        return float(config.connect_timeout)
+    raw = setting("connect-timeout")
+    if raw is None or raw == "":
+        raw = DEFAULTS["deqntk"]["connect-timeout"]
+    try:
+        value = float(parse_timedelta(raw, default="seconds"))
+    except (TypeError, ValueError, KeyError):
+        value = float("nan")
+    if not value > 0:
+        raise InputError(
+            "dask config deqntk.connect-timeout must be a positive duration (e.g. '30s'), "
+            f"got {raw!r}"
+        )
+    return value
+
+
+def _scheduler_file_address(path: str, timeout: float) -> str:
+    """The address in the dask scheduler file ``path``, waiting up to ``timeout`` s for the
+    file to appear (a scheduler that is starting writes it).
+
+    Raises
+    ------
+    ClusterError
+        No such file within ``timeout``, or a file that is not a scheduler file.
+    """
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            raise ClusterError(
+                f"scheduler={path!r}: no dask scheduler file at {path} (waited {timeout:g} s "
+                "for a starting scheduler to write it); is the scheduler running with this "
+                "scheduler file? (or pass its address, 'tcp://HOST:PORT')"
+            )
+        time.sleep(0.05)
+    cause = ""
+    for attempt in range(10):  # a scheduler may be writing it right now
+        if attempt:
+            time.sleep(0.05)
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+        except OSError as exc:
+            cause = f"cannot read it: {exc.strerror or exc}"
+            break
+        except ValueError as exc:
+            cause = f"not JSON: {exc}"
+            continue
+        address = info.get("address") if isinstance(info, dict) else None
+        if isinstance(address, str) and address:
+            return address
+        cause = "it has no 'address' entry"
+    raise ClusterError(f"scheduler={path!r}: {path} is not a dask scheduler file ({cause})")
+
+
+def _connect(target: str, timeout: float):
+    """A ``distributed.Client`` of the running scheduler ``target`` (address or file)."""
+    import dask
+    from distributed import Client
+
+    if target.endswith(".json"):
+        address = _scheduler_file_address(target, timeout)
+        where = f"{address} (from the scheduler file {target})"
+    else:
+        address, where = target, target
+    # a Client makes itself dask's default scheduler as it starts, and one that fails to
+    # start leaves that setting behind (later plain ``.compute()`` calls would then ask for
+    # a client that does not exist); a plain socket first answers "nothing listens there"
+    previous = dask.config.get("scheduler", None)
+    try:
+        _probe(address, timeout)
+        try:
+            return Client(address=address, timeout=timeout)
+        except BaseException:
+            if previous is None:
+                dask.config.config.pop("scheduler", None)
+            else:
+                dask.config.set(scheduler=previous)
+            raise
+    except ValueError as exc:  # distributed's address parser: a malformed value
+        raise InputError(
+            "scheduler must be a scheduler address such as 'tcp://HOST:8786' or the path of "
+            f"a scheduler JSON file, got {target!r}: {exc}"
+        ) from exc
+    except OSError as exc:  # refused, unreachable, timed out
+        raise ClusterError(
+            f"scheduler={target!r}: no dask scheduler reachable at {where} within "
+            f"{timeout:g} s ({exc}); is it running? (connect_timeout, dask config "
+            "deqntk.connect-timeout)"
+        ) from exc
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Open and close a TCP connection to a ``tcp://`` scheduler address (other schemes
+    are left to the Client).
+
+    Raises
+    ------
+    ValueError
+        A malformed address (no scheme, unknown scheme, no port).
+    OSError
+        Nothing accepts connections there within ``timeout`` seconds.
+    """
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    scheme, location = parse_address(address, strict=True)
+    get_backend(scheme)
+    if scheme != "tcp":
+        return
+    host, port = parse_host_port(location)
+    socket.create_connection((host, port), timeout=timeout).close()
+
+
 def _worker_timeout() -> float:
     """Seconds to wait for the first worker (dask config ``deqntk.worker-timeout``)."""
-    import dask
 
-    return float(dask.config.get("deqntk.worker-timeout", 600))
+    return float(setting("worker-timeout"))
 
 
 def _watch_settings() -> tuple[float, int]:
     """``deqntk.job-check-interval`` (seconds) and ``deqntk.max-failed-starts``, validated."""
-    import dask
     from dask.utils import parse_timedelta
 
-    raw = dask.config.get("deqntk.job-check-interval", "30s")
+    raw = setting("job-check-interval")
     try:
         interval = float(parse_timedelta(raw, default="seconds"))
     except (TypeError, ValueError, KeyError):
@@ -222,7 +359,7 @@ def _watch_settings() -> tuple[float, int]:
             "dask config deqntk.job-check-interval must be a positive duration "
             f"(e.g. '10s'), got {raw!r}"
         )
-    raw = dask.config.get("deqntk.max-failed-starts", 3)
+    raw = setting("max-failed-starts")
     digits = isinstance(raw, int | str) and not isinstance(raw, bool) and str(raw).isdigit()
     if not (digits and int(raw) >= 1):
         raise InputError(
@@ -291,8 +428,12 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
 
     Raises
     ------
-    StoreError
-        The scheduler cannot be reached (a runtime problem, reported clearly).
+    ClusterError
+        No scheduler answers at ``config.scheduler`` within the connect timeout, its
+        scheduler file is missing or malformed, or no worker joined in time (dask config
+        ``deqntk.worker-timeout``).
+    InputError
+        ``config.scheduler`` is not an address or a scheduler file path.
     """
     import dask
     from distributed import Client, LocalCluster
@@ -301,17 +442,13 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
     dashboard = resolve_dashboard_address(config)
     if config.scheduler:
         target = config.scheduler
-        kw = {"scheduler_file": target} if target.endswith(".json") else {"address": target}
-        try:
-            client = Client(**kw, timeout="30s")
-        except OSError as exc:
-            raise StoreError(f"cannot connect to the dask scheduler {target}: {exc}") from exc
+        client = _connect(target, _connect_timeout(config))
         try:
             timeout = _worker_timeout()
             try:
                 client.wait_for_workers(1, timeout=timeout)
             except TimeoutError as exc:
-                raise StoreError(
+                raise ClusterError(
                     f"no dask worker joined the scheduler {target} within {timeout:g} s "
                     "(dask config deqntk.worker-timeout)"
                 ) from exc
@@ -325,7 +462,7 @@ def dask_client(config: RuntimeConfig | None = None) -> Iterator:
 
         interval, max_failed = _watch_settings()
         cluster = jobqueue_cluster(config.cluster, dashboard_address=dashboard)
-        adapt = dask.config.get("deqntk.adapt", None)
+        adapt = setting("adapt")
         adaptive = config.workers is None and bool(adapt)
         watch = JobWatch(
             cluster,

@@ -77,7 +77,7 @@ def check_declared_size(label: str, nbytes: int, what: str = "data") -> None:
         )
 
 
-def open_stream(path: Path, label: str) -> tuple[IO[bytes], str | None]:
+def open_stream(path: Path, label: str) -> tuple[io.BufferedIOBase, str | None]:
     """Open ``path`` for reading, decompressing gzip / bzip2 / xz on the fly (by magic).
 
     Returns
@@ -107,7 +107,7 @@ def open_stream(path: Path, label: str) -> tuple[IO[bytes], str | None]:
     return raw, None
 
 
-def read_exactly(stream: IO[bytes], n: int) -> bytes:
+def read_exactly(stream: io.BufferedIOBase, n: int) -> bytes:
     """Up to ``n`` bytes (fewer only at the end of the stream); ``n`` is a small header size."""
     parts, got = [], 0
     while got < n:
@@ -119,7 +119,7 @@ def read_exactly(stream: IO[bytes], n: int) -> bytes:
     return b"".join(parts)
 
 
-def skip_bytes(stream: IO[bytes], limit: int) -> int:
+def skip_bytes(stream: io.BufferedIOBase, limit: int) -> int:
     """Read and discard up to ``limit`` bytes in 1 MiB pieces; returns how many there were."""
     got = 0
     while got < limit:
@@ -142,7 +142,7 @@ class CappedReader:
         Used in the error: ``"{label} holds more than {cap} bytes of {what}"``.
     """
 
-    def __init__(self, stream: IO[bytes], cap: int, label: str, what: str):
+    def __init__(self, stream: io.BufferedIOBase, cap: int, label: str, what: str):
         self.stream, self.cap, self.label, self.what = stream, int(cap), label, what
         self.count = 0
 
@@ -295,7 +295,8 @@ def read_npz_arrays(
     end_record = getattr(zipfile, "_EndRecData", None)  # entry count before zipfile lists them
     if end_record is not None:
         with open(path, "rb") as fh:
-            entries = end_record(fh)[zipfile._ECD_ENTRIES_TOTAL]
+            # a private CPython constant, which typeshed does not list
+            entries = end_record(fh)[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
         if entries > NPZ_MAX_ENTRIES:
             raise DatasetError(
                 f"{where} lists {entries} entries, more than an npz holds ({NPZ_MAX_ENTRIES})"
@@ -348,7 +349,7 @@ class PickledDtype:
         if order not in ("<", ">", "=", "|"):
             raise pickle.UnpicklingError(f"malformed dtype byte order {str(order)[:10]!r}")
         if self.dtype.itemsize > 1 and order in "<>":
-            self.dtype = self.dtype.newbyteorder(order)
+            self.dtype = self.dtype.newbyteorder("<" if order == "<" else ">")
 
 
 class PickledArray:
@@ -472,6 +473,7 @@ class _ArrayUnpickler(pickle._Unpickler):
     """Pure-Python unpickler restricted to plain data and numpy array placeholders."""
 
     dispatch = _Dispatch()
+    stack: list[Any]  # set by pickle._Unpickler.load (a private class typeshed leaves bare)
 
     def __init__(self, file: IO[bytes], max_ops: int):
         super().__init__(file, encoding="bytes")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from .errors import SpecError
 
@@ -70,7 +70,7 @@ class _BaseSpec:
         return {"kind": self.kind, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
         data = dict(data)
         kind = data.pop("kind", cls.kind)
@@ -152,7 +152,10 @@ class CDEQSpec(_BaseSpec):
             )
 
 
-_KINDS = {DEQSpec.kind: DEQSpec, CDEQSpec.kind: CDEQSpec}
+_KINDS: dict[str, type[DEQSpec] | type[CDEQSpec]] = {
+    DEQSpec.kind: DEQSpec,
+    CDEQSpec.kind: CDEQSpec,
+}
 
 
 def spec_from_dict(data: dict[str, Any]) -> DEQSpec | CDEQSpec:

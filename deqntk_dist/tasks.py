@@ -4,15 +4,20 @@
 store themselves, compute with the pure kernel maths, write whole chunks and then the
 ledger.  Only small job descriptions (:class:`TileJob`, :class:`AuxJob`) and reports go
 through the scheduler.  Failures that a retry cannot fix (a maths or input error, a full or
-read-only disk, a store whose attrs changed) come back as reports with ``ok = False``;
-anything else raises so that dask retries the task.
+read-only disk, a store whose attrs changed) come back as reports with ``ok = False`` that
+carry the :class:`~deqntk_dist.errors.DeqntkError` itself (the driver re-raises it, see
+:mod:`deqntk_dist.scheduling`); anything else raises so that dask retries the task.  What a
+worker keeps between tasks (open stores, row blocks, output buffers) is its
+:class:`WorkerCache`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import resource
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,8 +38,10 @@ __all__ = [
     "LEGACY_CDEQ_TOL",
     "AuxJob",
     "TileJob",
+    "WorkerCache",
     "run_self_covariance",
     "run_tile",
+    "worker_cache",
 ]
 
 #: Slice tolerance of CDEQ stores whose options do not record one (written before it was).
@@ -76,71 +83,133 @@ class AuxJob:
         return f"self-covariance rows [{self.start}, {self.stop})"
 
 
-_STORES: dict[tuple, KernelStore] = {}
-_DATASETS: dict[tuple, DatasetStore] = {}
-_ROWS: OrderedDict[tuple, np.ndarray] = OrderedDict()
-#: Row blocks kept per worker: at least this many, and more while within ``_ROWS_BYTES``
-#: (a worker then reads each block of a mid-sized dataset once, not once per tile).
-_ROWS_KEEP = 3
-_ROWS_BYTES = 512 * 2**20
+#: Row blocks a worker keeps: at least this many, and more while within
+#: :data:`ROWS_BYTES` (a worker then reads each block of a mid-sized dataset once, not once
+#: per tile).
+ROWS_KEEP = 3
+ROWS_BYTES = 512 * 2**20
 
 
-def _stamp(path: str):
-    """When a store's root metadata last changed (a cached open is then stale)."""
+def store_stamp(path: str):
+    """When a store's root metadata (``zarr.json``) last changed: a cached open of the store
+    is stale once this differs."""
     loc = Location.parse(path)
     if loc.is_local:
         return os.stat(Path(loc.url) / "zarr.json").st_mtime_ns
     return loc.mtime("zarr.json")
 
 
-def _store(path: str) -> KernelStore:
-    key = (path, _stamp(path))
-    if key not in _STORES:
-        _STORES.clear()
-        _STORES[key] = open_kernel_store(path, writable=True)
-    return _STORES[key]
+class WorkerCache:
+    """What a worker process keeps between its tasks (one instance per process,
+    :func:`worker_cache`).
 
+    * the open kernel store (one: reopened when its ``zarr.json`` changes, see
+      :func:`store_stamp`),
+    * the open dataset store (one, likewise; opening another drops the cached rows),
+    * an LRU of float64 row blocks of that dataset: at least ``rows_keep`` blocks, more
+      while they hold at most ``rows_bytes`` bytes,
+    * reused page-aligned tile output buffers (per thread: a process running several
+      tasks at once never shares them).
 
-def _rows(dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
-    """float64 rows of the dataset store a kernel store was made for.
-
-    A per-process LRU cache keeps recent row blocks (at least ``_ROWS_KEEP``, more within
-    ``_ROWS_BYTES``), so a worker rarely reads a block twice.  The dataset must still carry the
-    fingerprint recorded in the kernel store: rows of another dataset are never mixed in.
+    The bookkeeping is thread-safe; rows are read outside the lock.
     """
-    key = (dataset, _stamp(dataset))
-    if key not in _DATASETS:
-        _DATASETS.clear()
-        _ROWS.clear()
-        _DATASETS[key] = open_dataset_store(dataset)
-    ds = _DATASETS[key]
-    if ds.fingerprint != fingerprint:
-        raise StoreMismatchError(
-            f"dataset store {dataset} now has fingerprint {ds.fingerprint}, but the kernel "
-            f"store was computed from {fingerprint}; it was changed after the store was made"
-        )
-    rkey = (key, start, stop)
-    if rkey in _ROWS:
-        _ROWS.move_to_end(rkey)
-        return _ROWS[rkey]
-    X = ds.rows(start, stop).astype(np.float64)
-    _ROWS[rkey] = X
-    while len(_ROWS) > _ROWS_KEEP and sum(a.nbytes for a in _ROWS.values()) > _ROWS_BYTES:
-        _ROWS.popitem(last=False)
-    return X
+
+    def __init__(self, *, rows_keep: int = ROWS_KEEP, rows_bytes: int = ROWS_BYTES):
+        self.rows_keep = rows_keep
+        self.rows_bytes = rows_bytes
+        self._lock = threading.Lock()
+        self._store: tuple[tuple, KernelStore] | None = None
+        self._dataset: tuple[tuple, DatasetStore] | None = None
+        self._rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._buffers = threading.local()
+
+    def clear(self) -> None:
+        """Forget every open store, row block and buffer of this thread."""
+        with self._lock:
+            self._store = self._dataset = None
+            self._rows.clear()
+            self._buffers.__dict__.clear()
+
+    def kernel_store(self, path: str) -> KernelStore:
+        """The kernel store at ``path``, opened writable (reused while unchanged)."""
+        key = (path, store_stamp(path))
+        with self._lock:
+            if self._store is not None and self._store[0] == key:
+                return self._store[1]
+        ks = open_kernel_store(path, writable=True)
+        with self._lock:
+            self._store = (key, ks)
+        return ks
+
+    def _dataset_store(self, path: str) -> tuple[tuple, DatasetStore]:
+        key = (path, store_stamp(path))
+        with self._lock:
+            if self._dataset is not None and self._dataset[0] == key:
+                return self._dataset
+        ds = open_dataset_store(path)
+        with self._lock:
+            if self._dataset is None or self._dataset[0] != key:
+                self._dataset = (key, ds)
+                self._rows.clear()
+            return self._dataset
+
+    def rows(self, dataset: str, fingerprint: str, start: int, stop: int) -> np.ndarray:
+        """float64 rows ``[start, stop)`` of the dataset store a kernel store was made for.
+
+        The dataset must still carry ``fingerprint`` (the one recorded in the kernel store):
+        rows of another dataset are never mixed in (:class:`StoreMismatchError`).
+        """
+        key, ds = self._dataset_store(dataset)
+        if ds.fingerprint != fingerprint:
+            raise StoreMismatchError(
+                f"dataset store {dataset} now has fingerprint {ds.fingerprint}, but the kernel "
+                f"store was computed from {fingerprint}; it was changed after the store was made"
+            )
+        rkey = (key, start, stop)
+        with self._lock:
+            if rkey in self._rows:
+                self._rows.move_to_end(rkey)
+                return self._rows[rkey]
+        X = ds.rows(start, stop).astype(np.float64)
+        with self._lock:
+            if self._dataset is not None and self._dataset[0] == key:
+                self._rows[rkey] = X
+                self._rows.move_to_end(rkey)
+                self._trim_rows()
+        return X
+
+    def _trim_rows(self) -> None:
+        while len(self._rows) > self.rows_keep and self.row_bytes() > self.rows_bytes:
+            self._rows.popitem(last=False)
+
+    def row_bytes(self) -> int:
+        """Bytes of the cached row blocks."""
+        return sum(a.nbytes for a in self._rows.values())
+
+    def cached_rows(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the cached row blocks, least recently used first."""
+        with self._lock:
+            return [(start, stop) for _, start, stop in self._rows]
+
+    def tile_buffers(self, ks: KernelStore, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Reused, page-aligned output arrays (store dtype) for a tile of ``shape``.
+
+        The tile kernel writes the store's values straight into them, and the store writes
+        them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory.
+        """
+        buffers = getattr(self._buffers, "buffers", None)
+        if buffers is None:
+            buffers = self._buffers.buffers = AlignedBuffers()
+        key = (shape, ks.dtype.str, ks.kernels)
+        return buffers.get(key, {name: shape for name in ks.kernels}, ks.dtype)
 
 
-_BUFFERS = AlignedBuffers()
+_CACHE = WorkerCache()
 
 
-def _tile_buffers(ks: KernelStore, shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Reused, page-aligned output arrays (store dtype) for a tile of ``shape``.
-
-    The tile kernel writes the store's values straight into them, and the store writes
-    them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory.
-    """
-    key = (shape, ks.dtype.str, ks.kernels)
-    return _BUFFERS.get(key, {name: shape for name in ks.kernels}, ks.dtype)
+def worker_cache() -> WorkerCache:
+    """The :class:`WorkerCache` of this process."""
+    return _CACHE
 
 
 @contextlib.contextmanager
@@ -152,14 +221,14 @@ def _thread_limit(threads: int | None):
     # on a machine without a cache) and refuses a value other than the one its thread pool
     # was launched with; a worker's environment may differ from it (the nanny sets it
     # around the spawn), so pin the variable to the pool's size.
-    os.environ["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)
+    os.environ["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if threads is None:
         yield
         return
     from threadpoolctl import threadpool_limits
 
     previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     try:
         with threadpool_limits(limits=threads, user_api="blas"):
             yield
@@ -168,7 +237,14 @@ def _thread_limit(threads: int | None):
 
 
 def _failure(what: str, exc: DeqntkError) -> dict[str, Any]:
-    return {"ok": False, "what": what, "type": type(exc).__name__, "error": str(exc)}
+    """The report of a task that failed with ``exc``: the exception itself travels to the
+    driver (every :class:`DeqntkError` pickles with its attributes); one that does not
+    pickle (an attribute added by hand) travels as a :class:`StoreError` with its text."""
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        exc = StoreError(f"{type(exc).__name__}: {exc}")
+    return {"ok": False, "what": what, "error": exc}
 
 
 @contextlib.contextmanager
@@ -202,12 +278,13 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     """Compute tile (i, j) on this worker, write it and its mirror, then its ledger entry.
 
     A deterministic maths or input failure (:class:`DeqntkError`) is returned as a report
-    with ``ok = False`` (retrying cannot help); anything else (I/O, memory) raises so that
-    dask retries the task.  Nothing is marked done unless its data was written.
+    with ``ok = False`` and the exception as ``error`` (retrying cannot help); anything
+    else (I/O, memory) raises so that dask retries the task.  Nothing is marked done unless
+    its data was written.
 
     A tile the ledger already marks done is not computed again (a task re-executed
-    after its worker left with the result unread, e.g. a worker retiring at its
-    ``--lifetime``): the report is rebuilt from the ledger with ``reused = True``.
+    after its worker left with the result unread, e.g. a worker retiring at the end of its
+    lifetime): the report is rebuilt from the ledger with ``reused = True``.
 
     Returns
     -------
@@ -219,7 +296,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
     from .kernels import kernel_matrix
 
     t0, c0 = time.perf_counter(), time.process_time()
-    ks = _store(job.store)
+    cache = worker_cache()
+    ks = cache.kernel_store(job.store)
     what = job.describe()
     shape = (job.rows[1] - job.rows[0], job.cols[1] - job.cols[0])
     n_entries = shape[0] * shape[1] * (1 if job.i == job.j else 2)
@@ -227,8 +305,8 @@ def run_tile(job: TileJob) -> dict[str, Any]:
         _check_identity(ks, job)
         if ks.tile_done(job.i, job.j):
             return _reused(ks, job, n_entries)
-        X = _rows(job.dataset, ks.dataset_fingerprint, *job.rows)
-        Y = None if job.i == job.j else _rows(job.dataset, ks.dataset_fingerprint, *job.cols)
+        X = cache.rows(job.dataset, ks.dataset_fingerprint, *job.rows)
+        Y = None if job.i == job.j else cache.rows(job.dataset, ks.dataset_fingerprint, *job.cols)
         kw = dict(job.options)
         if isinstance(ks.spec, CDEQSpec):
             # stores made before the tolerance was recorded were computed at 1e-13
@@ -238,7 +316,7 @@ def run_tile(job: TileJob) -> dict[str, Any]:
                 kw["self_y"] = ks.self_covariance_rows(*job.cols)
         t_read = time.perf_counter() - t0
         with _thread_limit(job.threads):
-            res = kernel_matrix(ks.spec, X, Y, out=_tile_buffers(ks, shape), **kw)
+            res = kernel_matrix(ks.spec, X, Y, out=cache.tile_buffers(ks, shape), **kw)
     except DeqntkError as exc:
         return _failure(what, exc)
     t1, c1 = time.perf_counter(), time.process_time()
@@ -301,10 +379,11 @@ def run_self_covariance(job: AuxJob) -> dict[str, Any]:
     """Compute and store the CDEQ self-covariances of rows ``[start, stop)``."""
     from .kernels import self_covariance
 
-    ks = _store(job.store)
+    cache = worker_cache()
+    ks = cache.kernel_store(job.store)
     try:
         _check_identity(ks, job)
-        X = _rows(job.dataset, ks.dataset_fingerprint, job.start, job.stop)
+        X = cache.rows(job.dataset, ks.dataset_fingerprint, job.start, job.stop)
         with _thread_limit(job.threads):
             sc = self_covariance(ks.spec, X)
         with _fatal_write_errors(ks.path):

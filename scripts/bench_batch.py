@@ -43,7 +43,7 @@ from deqntk_dist import open_kernel_store, write_dataset_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ARGS = ["--kernel", "cdeq", "--readout", "gap", "--tile", "8", "--no-progress", "--workers", "1"]
+ARGS = ["--model", "cdeq", "--readout", "gap", "--tile", "8", "--no-progress", "--workers", "1"]
 
 PRELOAD = """
 import os

@@ -19,7 +19,7 @@ page cache dropped first when this runs as root).
 
 Example::
 
-    python scripts/bench_tiles.py --n 20000 --what ntk --dtype float32
+    python scripts/bench_tiles.py --n 20000 --kernels ntk --dtype float32
     python scripts/bench_tiles.py                      # the full 70k x 70k NTK store
     python scripts/bench_tiles.py --layouts 1,2 --rounds 2   # layout 1 vs 2, same run
 """
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=70000, help="rows (default 70000)")
     p.add_argument("--d", type=int, default=784, help="features (default 784)")
-    p.add_argument("--what", default="ntk", help="ntk | nngp | ntk,nngp (default ntk)")
+    p.add_argument("--kernels", default="ntk", help="ntk | nngp | ntk,nngp (default ntk)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--tile", type=int, default=None, help="tile side (default: memory budget)")
     p.add_argument("--workers", type=int, default=None, help="workers (default: cores)")
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     from deqntk_dist.runtime import RuntimeConfig, _default_workers, dask_client
 
     spec = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
-    kernels = tuple(k.strip() for k in args.what.split(","))
+    kernels = tuple(k.strip() for k in args.kernels.split(","))
     workers = args.workers or _default_workers()
     base = Path(args.dir or tempfile.mkdtemp(prefix="deqntk-bench-", dir="/tmp"))
     base.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 # Environment: WORKDIR (default /tmp/deqntk-quickstart), N_TRAIN (default 10000), N_TEST (default
 # 10000 = the whole test set). Rerunning reuses the finished stages in WORKDIR.
 # Measured (shared 2-core machine, load ~8): 4 min 22 s end to end, test accuracy 0.8766.
-# Full dataset (60,000 train): --n-train 60000 --what ntk --lambdas 0.01 -> 36 min, 0.9081.
+# Full dataset (60,000 train): --n-train 60000 --kernels ntk --ridges 0.01 -> 36 min, 0.9081.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,6 +26,6 @@ if ! ls "$FMNIST_DIR"/train-images-idx3-ubyte* >/dev/null 2>&1; then
   fi
 fi
 
-exec .venv/bin/deqntk run --dataset fashion-mnist --kernel deq \
+exec .venv/bin/deqntk run --dataset fashion-mnist --model deq \
   --n-train "${N_TRAIN:-10000}" --n-test "${N_TEST:-10000}" \
   --workdir "${WORKDIR:-/tmp/deqntk-quickstart}" "$@"

@@ -46,7 +46,7 @@ def test_sigkill_then_rerun_completes_exactly_the_missing_tiles(tmp_path, rng):
         tile,
         "--workers",
         2,
-        "--what",
+        "--kernels",
         "ntk,nngp",
         "--max-in-flight",
         2,
@@ -120,7 +120,7 @@ def test_verify_status_and_errors_through_the_cli(tmp_path, rng):
             32,
             "--workers",
             2,
-            "--what",
+            "--kernels",
             "ntk",
             "--dtype",
             "float64",
@@ -219,7 +219,7 @@ def test_two_jobs_on_one_store_share_the_tiles(tmp_path, rng):
     x = rng.normal(size=(n, 10))
     ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
     store = str(tmp_path / "ks")
-    gelu = ["--activation", "gelu", "--what", "ntk"]  # slow tiles (quadrature): overlap
+    gelu = ["--activation", "gelu", "--kernels", "ntk"]  # slow tiles (quadrature): overlap
     cmd = _cli("compute", ds.path, store, *SPEC_ARGS, *gelu, "--tile", 16, "--workers", 1,
                "--no-progress")  # fmt: skip
     a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

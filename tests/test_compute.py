@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -126,13 +127,9 @@ def test_pooled_flipped_cdeq_store_records_its_tolerance(tmp_path, rng, client, 
     np.testing.assert_array_equal(ks.array("nngp")[...], out["nngp"])
     assert verify_kernel_store(ks.path) == []
     with pytest.raises(StoreMismatchError, match="options"):
-        compute_kernel_store(
-            ds, tmp_path / "ks", spec, options={"tol": 1e-11}, client=client, progress=False
-        )
+        compute_kernel_store(ds, tmp_path / "ks", spec, tol=1e-11, client=client, progress=False)
     with pytest.raises(InputError, match="tol applies to the cdeq kernel"):
-        compute_kernel_store(
-            ds, tmp_path / "ks2", SPEC, options={"tol": 1e-11}, client=client, progress=False
-        )
+        compute_kernel_store(ds, tmp_path / "ks2", SPEC, tol=1e-11, client=client, progress=False)
 
 
 def test_worker_killed_while_tiles_run(tmp_path, rng, client):
@@ -222,7 +219,7 @@ def test_bad_arguments_and_missing_dataset(tmp_path, rng, client):
     )
     with pytest.raises(InputError, match="tile"):
         compute_kernel_store(ds, tmp_path / "ks", SPEC, tile=0, client=client)
-    with pytest.raises(InputError, match="what"):
+    with pytest.raises(InputError, match="kernels must be a non-empty list"):
         compute_kernel_store(ds, tmp_path / "ks", SPEC, kernels=("ntk", "cov"), client=client)
     with pytest.raises(InputError, match="4 dimensions"):
         compute_kernel_store(
@@ -396,7 +393,7 @@ def test_bad_runtime_arguments_and_read_only_stores_fail_before_a_cluster(
         compute_kernel_store(ds, fs.path / "ks", SPEC)
     with pytest.raises(StoreError, match=r"cannot create kernel store at .*ks2"):
         compute_kernel_store(ds, fs.path / "ks2", SPEC)
-    with pytest.raises(InputError, match=r"memory_budget must be an integer >= 1048576, got 0"):
+    with pytest.raises(InputError, match=r"memory_budget must be at least 1 MiB, got 0"):
         compute_kernel_store(ds, tmp_path / "k3", SPEC, memory_budget=0)
     with pytest.raises(InputError, match=r"task_threads must be an integer >= 1, got -3"):
         compute_kernel_store(ds, tmp_path / "k3", SPEC, task_threads=-3)
@@ -404,8 +401,10 @@ def test_bad_runtime_arguments_and_read_only_stores_fail_before_a_cluster(
         compute_kernel_store(ds, tmp_path / "k3", SPEC, max_tiles=0)
     from deqntk_dist.cli import main
 
-    for flags in (["--memory-budget", "0"], ["--task-threads", "-3"]):
-        assert main(["compute", ds.path, str(tmp_path / "k4"), *flags]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse: the size parser refuses it
+        main(["compute", ds.path, str(tmp_path / "k4"), "--memory-budget", "0"])
+    assert e.value.code == 2
+    assert main(["compute", ds.path, str(tmp_path / "k4"), "--task-threads", "-3"]) == 2
     assert not (tmp_path / "k3").exists() and not (tmp_path / "k4").exists()
 
 
@@ -561,6 +560,7 @@ def test_resume_asking_a_subset_of_the_store_kernels_completes_the_store(tmp_pat
     """One rule for kernels (store and pipeline): a request for a subset of a store's
     kernels resumes it, computing every kernel the store declares; a superset is refused."""
     from deqntk_dist.errors import StoreMismatchError
+    from deqntk_dist.options import ComputeOptions
     from deqntk_dist.pipeline import _kernel_store_state
 
     spec = DEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1)
@@ -569,7 +569,7 @@ def test_resume_asking_a_subset_of_the_store_kernels_completes_the_store(tmp_pat
     path = tmp_path / "ks"
     kw = dict(tile=16, client=client, progress=False)
     compute_kernel_store(ds, path, spec, kernels=("ntk", "nngp"), max_tiles=2, **kw)
-    assert _kernel_store_state(path, spec, ds, ("ntk",), None) == "partial"
+    assert _kernel_store_state(path, spec, ds, ComputeOptions(kernels=("ntk",))) == "partial"
     rep = compute_kernel_store(ds, path, spec, kernels=("ntk",), **kw)
     assert rep.tiles_computed == 4
     ks = open_kernel_store(path)
@@ -578,10 +578,157 @@ def test_resume_asking_a_subset_of_the_store_kernels_completes_the_store(tmp_pat
     np.testing.assert_array_equal(ks.array("ntk")[...], full.ntk.astype(np.float32))
     np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))
     assert verify_kernel_store(path) == []
-    assert _kernel_store_state(path, spec, ds, ("nngp",), None) == "complete"
+    assert _kernel_store_state(path, spec, ds, ComputeOptions(kernels=("nngp",))) == "complete"
 
     only_ntk = tmp_path / "ntk"
     compute_kernel_store(ds, only_ntk, spec, kernels=("ntk",), max_tiles=1, **kw)
-    assert _kernel_store_state(only_ntk, spec, ds, ("ntk", "nngp"), None) == "mismatch"
+    assert (
+        _kernel_store_state(only_ntk, spec, ds, ComputeOptions(kernels=("ntk", "nngp")))
+        == "mismatch"
+    )
     with pytest.raises(StoreMismatchError, match=r"kernels: store has \['ntk'\], requested"):
         compute_kernel_store(ds, only_ntk, spec, kernels=("ntk", "nngp"), **kw)
+
+
+# ------------------------------------------------------- issue 16: worker errors, cache
+def test_a_worker_fixed_point_error_arrives_as_itself_with_its_entries(tmp_path, rng, client):
+    """The FixedPointError of a tile computed in a worker process reaches the caller with
+    its type and attributes (the entries of the first failing tile), chained to the
+    worker's exception, its message saying which tile failed."""
+    spec = DEQSpec(sigma_w2=5.0, sigma_u2=1.0, activation="erf")  # no unique fixed point
+    n = 24
+    x = rng.normal(size=(n, 5))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    with pytest.raises(FixedPointError) as info:
+        compute_kernel_store(ds, tmp_path / "ks", spec, tile=12, client=client, progress=False)
+    err = info.value
+    found = re.match(
+        r"tile \((\d+), (\d+)\) rows \[(\d+), (\d+)\) x cols \[(\d+), (\d+)\) failed: (.*) "
+        r"did not converge .*; finished tiles are kept in the store$",
+        str(err),
+    )
+    assert found, str(err)
+    i, j, r0, r1, c0, c1 = (int(v) for v in found.groups()[:6])
+    # the same tile computed here fails on the same entries
+    X = ds.rows(r0, r1).astype(np.float64)
+    Y = None if i == j else ds.rows(c0, c1).astype(np.float64)
+    with pytest.raises(FixedPointError) as local:
+        kernel_matrix(spec, X, Y)
+    assert err.entries == local.value.entries and len(err.entries) > 0
+    assert err.n_failed == local.value.n_failed >= len(err.entries)
+    assert all(isinstance(e, tuple) for e in err.entries)
+    cause = err.__cause__
+    assert type(cause) is FixedPointError and cause.entries == err.entries
+    assert f"({i}, {j}) rows [{r0}, {r1}) x cols [{c0}, {c1}) failed: {cause}" in str(err)
+
+
+def test_a_worker_store_mismatch_arrives_as_itself(tmp_path, rng, client, monkeypatch):
+    """A tile job planned under another identity than the store's: the worker refuses it
+    (StoreMismatchError), and the caller gets a StoreMismatchError, nothing written."""
+    import deqntk_dist.compute as compute_mod
+    from deqntk_dist.errors import StoreMismatchError
+    from deqntk_dist.tasks import TileJob
+
+    def stale_job(**kw):
+        return TileJob(**{**kw, "identity": "0" * 16})
+
+    monkeypatch.setattr(compute_mod, "TileJob", stale_job)
+    n = 30
+    ds = write_dataset_store(
+        tmp_path / "ds", rng.normal(size=(n, 4)), np.zeros(n, int), n_train=n, name="t"
+    )
+    with pytest.raises(StoreMismatchError) as info:
+        compute_kernel_store(ds, tmp_path / "ks", SPEC, tile=16, client=client, progress=False)
+    err = info.value
+    assert re.search(r"^tile \(\d, \d\) rows .* failed: the attrs of kernel store", str(err))
+    assert "planned under 0000000000000000" in str(err)
+    assert type(err.__cause__) is StoreMismatchError
+    assert len(open_kernel_store(tmp_path / "ks").missing_tiles()) == 3
+
+
+def _touch(path, ns_later: int = 10**9) -> None:
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + ns_later))
+
+
+def test_worker_cache_keeps_its_bounds_and_reopens_changed_stores(tmp_path, rng):
+    from deqntk_dist.errors import StoreMismatchError
+    from deqntk_dist.store import create_kernel_store
+    from deqntk_dist.tasks import WorkerCache
+
+    n, d = 40, 8
+    x = rng.normal(size=(n, d))
+    ds = write_dataset_store(tmp_path / "ds", x, np.zeros(n, int), n_train=n, name="t")
+    ks = create_kernel_store(tmp_path / "ks", ds, SPEC, tile=10, kernels=("ntk",))
+    block = 10 * d * 8  # bytes of a 10-row float64 block
+
+    # at least rows_keep blocks, more while within rows_bytes, least recently used first out
+    cache = WorkerCache(rows_keep=2, rows_bytes=3 * block)
+    fp = ks.dataset_fingerprint
+    first = cache.rows(ds.path, fp, 0, 10)
+    np.testing.assert_array_equal(first, ds.rows(0, 10).astype(np.float64))
+    assert first.dtype == np.float64
+    for a in (10, 20, 30):
+        cache.rows(ds.path, fp, a, a + 10)
+    assert cache.cached_rows() == [(10, 20), (20, 30), (30, 40)]
+    assert cache.row_bytes() == 3 * block
+    assert cache.rows(ds.path, fp, 10, 20) is cache.rows(ds.path, fp, 10, 20)  # a hit
+    assert cache.cached_rows() == [(20, 30), (30, 40), (10, 20)]
+    cache.rows(ds.path, fp, 0, 40)  # a big block: only rows_keep are left
+    assert cache.cached_rows() == [(10, 20), (0, 40)]
+    small = WorkerCache(rows_keep=1, rows_bytes=0)
+    for a in (0, 10, 20):
+        small.rows(ds.path, fp, a, a + 10)
+    assert small.cached_rows() == [(20, 30)]
+
+    # another dataset fingerprint is refused
+    with pytest.raises(StoreMismatchError, match="fingerprint"):
+        cache.rows(ds.path, "not-the-fingerprint", 0, 10)
+
+    # the kernel store is reused until its zarr.json changes, then reopened
+    opened = cache.kernel_store(ks.path)
+    assert cache.kernel_store(ks.path) is opened and opened.tile == 10
+    _touch(tmp_path / "ks" / "zarr.json")
+    again = cache.kernel_store(ks.path)
+    assert again is not opened and again.path == opened.path
+    assert cache.kernel_store(ks.path) is again
+
+    # a dataset store whose zarr.json changed is reopened and its row blocks dropped
+    _touch(tmp_path / "ds" / "zarr.json")
+    cache.rows(ds.path, fp, 20, 30)
+    assert cache.cached_rows() == [(20, 30)]
+
+    # tile buffers: reused for a shape, page-aligned, of the store's dtype
+    buf = cache.tile_buffers(again, (10, 10))
+    assert set(buf) == {"ntk"} and buf["ntk"].dtype == again.dtype
+    assert buf["ntk"].ctypes.data % 4096 == 0
+    assert cache.tile_buffers(again, (10, 10))["ntk"] is buf["ntk"]
+    cache.clear()
+    assert cache.cached_rows() == [] and cache.kernel_store(ks.path) is not again
+
+
+def test_a_worker_with_several_threads_writes_every_tile_exactly(tmp_path, rng):
+    """Several threads of one worker write tiles of one store at once: each tile gets its
+    own values (the reused cast, shard and padding buffers are per thread; shared, they
+    mixed the values of concurrent diagonal tiles by up to 7 in this store)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    n, tile = 160, 32
+    spec = DEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.3)
+    x = rng.normal(size=(n, 10))
+    ds = write_dataset_store(tmp_path / "ds", x, np.arange(n) % 3, n_train=n, name="t")
+    out = {k: np.empty((n, n), np.float32) for k in ("ntk", "nngp")}
+    kernel_matrix(spec, ds.rows(0, n), out=out)
+    cluster = LocalCluster(
+        n_workers=1, processes=False, threads_per_worker=2, dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )  # fmt: skip
+    with cluster, Client(cluster) as cl:
+        for run in range(2):
+            path = tmp_path / f"ks{run}"
+            compute_kernel_store(ds, path, spec, tile=tile, client=cl, progress=False)
+            ks = open_kernel_store(path)
+            for k in ("ntk", "nngp"):
+                np.testing.assert_array_equal(ks.array(k)[...], out[k])

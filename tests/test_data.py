@@ -580,7 +580,9 @@ def test_unknown_dataset_and_missing_source(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="needs a source path"):
         load_dataset("cifar10")
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "none"))
-    with pytest.raises(DatasetError, match="apt-get install -y dataset-fashion-mnist.*--source"):
+    with pytest.raises(
+        DatasetError, match="apt-get install -y dataset-fashion-mnist.*pass it as source=DIR"
+    ):
         ensure_fashion_mnist(install=False)
 
 
@@ -778,7 +780,9 @@ def test_ensure_fashion_mnist_installs_with_apt(tmp_path, monkeypatch):
 def test_ensure_fashion_mnist_apt_failure_and_non_root(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "none"))
     _fake_apt(tmp_path, monkeypatch, 'echo "E: Unable to locate package" >&2\nexit 100\n')
-    with pytest.raises(DatasetError, match="apt-get failed .*Unable to locate package.*--source"):
+    with pytest.raises(
+        DatasetError, match="apt-get failed .*Unable to locate package.*source=DIR"
+    ):
         ensure_fashion_mnist()
     monkeypatch.setattr(data.os, "geteuid", lambda: 1000)
     with pytest.raises(DatasetError, match="is not installed in .*sudo apt-get install -y"):

@@ -288,14 +288,20 @@ def test_run_end_to_end_matches_direct_computation(tmp_path, capsys):
 
     ds = open_kernel_store(work / "kernel.zarr").dataset()
     spec = DEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.3)
-    pred, acc = direct_ridge(ds.rows(0, ds.n), ds.y, ds.n_train, spec, report["lambda"])
+    pred, acc = direct_ridge(ds.rows(0, ds.n), ds.y, ds.n_train, spec, report["ridge"])
     assert report["accuracy"] == acc
     assert 0.5 < acc < 1.0  # a task where the ridge matters, not a trivially separable one
     got = read_results(work / "kernel.zarr", "ntk")["predictions"][...]  # the current version
     np.testing.assert_allclose(got, pred, rtol=1e-6, atol=1e-8)
 
-    # rerun: every stage reused, same answer
-    assert main(argv) == 0
+    # rerun: every stage reused, same answer; --plots adds the figures next to the report
+    assert main([*argv, "--plots"]) == 0
+    figures = [line.split()[-1] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("figure")]  # fmt: skip
+    assert [p for p in figures if p.endswith(".png")] == [
+        str(work / name) for name in ("gram.png", "spectrum.png", "ridge.png", "classes.png")
+    ]
+    assert all((work / name).stat().st_size > 1000 for name in ("gram.png", "classes.png"))
     again = json.loads((work / "report.json").read_text())
     assert all(st["reused"] for st in again["stages"].values())
     assert again["accuracy"] == report["accuracy"]
@@ -305,10 +311,10 @@ def test_run_end_to_end_matches_direct_computation(tmp_path, capsys):
     other = [a if a != "1.2" else "0.8" for a in argv]
     assert main(other) == 2
     assert "belongs to another spec" in capsys.readouterr().err
-    assert main([*other, "--overwrite", "--lambdas", "1e-3"]) == 0
+    assert main([*other, "--overwrite", "--ridges", "1e-3"]) == 0
     third = json.loads((work / "report.json").read_text())
     assert third["stages"]["prepare"]["reused"] and not third["stages"]["compute"]["reused"]
-    assert third["lambda"] == 1e-3
+    assert third["ridge"] == 1e-3
     spec = DEQSpec(sigma_w2=0.8, sigma_u2=1.0, sigma_b2=0.3)
     assert third["accuracy"] == direct_ridge(ds.rows(0, ds.n), ds.y, ds.n_train, spec, 1e-3)[1]
 
@@ -316,7 +322,7 @@ def test_run_end_to_end_matches_direct_computation(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_run_pooled_flipped_cdeq_end_to_end(tmp_path, capsys):
-    """``deqntk run --kernel cdeq --readout lap --pool-size 3 --hflip``: the store is the
+    """``deqntk run --model cdeq --readout lap --pool-size 3 --hflip``: the store is the
     untiled kernel at the float32-store tolerance and the accuracy is the direct one."""
     from deqntk_dist import CDEQSpec
 
@@ -327,8 +333,8 @@ def test_run_pooled_flipped_cdeq_end_to_end(tmp_path, capsys):
     np.savez(src, x_train=imgs[:40], y_train=y[:40], x_test=imgs[40:], y_test=y[40:])
     work = tmp_path / "work"
     argv = ["run", "--dataset", "npz", "--source", str(src), "--workdir", str(work)]
-    argv += ["--kernel", "cdeq", "--readout", "lap", "--pool-size", "3", "--hflip"]
-    argv += ["--tile", "16", "--workers", "2", "--lambdas", "1e-3", "--no-progress"]
+    argv += ["--model", "cdeq", "--readout", "lap", "--pool-size", "3", "--hflip"]
+    argv += ["--tile", "16", "--workers", "2", "--ridges", "1e-3", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "readout=lap, pool_size=3, hflip" in out
@@ -356,10 +362,10 @@ def test_run_pooled_flipped_cdeq_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--kernel", "deq", "--pool-size", "3"], "--readout and --pool-size apply to --kernel"),
-        (["--kernel", "cdeq", "--readout", "lap", "--pool-size", "4"], "pool_size must be an odd"),
-        (["--kernel", "cdeq", "--pool-size", "3"], "only used with readout='lap'"),
-        (["--kernel", "deq", "--tol", "1e-9"], "--tol applies to --kernel cdeq"),
+        (["--model", "deq", "--pool-size", "3"], "--readout and --pool-size apply to --model"),
+        (["--model", "cdeq", "--readout", "lap", "--pool-size", "4"], "pool_size must be an odd"),
+        (["--model", "cdeq", "--pool-size", "3"], "only used with readout='lap'"),
+        (["--model", "deq", "--tol", "1e-9"], "--tol applies to --model cdeq"),
     ],
 )
 def test_cli_pooling_errors(tmp_path, capsys, npz_source, extra, needle):

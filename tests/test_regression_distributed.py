@@ -141,9 +141,9 @@ def local_client():
 @pytest.mark.parametrize("keep", [True, False])
 def test_distributed_cg_agrees_with_cholesky(tmp_path, rng, local_client, keep):
     ks = _store(tmp_path, rng, 700, 120)
-    chol = solve_store(ks.path, ridges=[1e-3], method="cholesky", write_results=False)
+    chol = solve_store(ks.path, ridges=[1e-3], solver="cholesky", write_results=False)
     dist = solve_store(
-        ks.path, ridges=[1e-3], method="cg", client=local_client, band_bytes=2**20,
+        ks.path, ridges=[1e-3], solver="cg", client=local_client, band_bytes=2**20,
         keep_bands=keep, rank=64,
     )  # fmt: skip
     assert dist.method == "cg-distributed" and chol.method == "cholesky-dense"
@@ -162,9 +162,9 @@ def test_distributed_cg_agrees_with_cholesky(tmp_path, rng, local_client, keep):
 def test_distributed_validation_chooses_like_the_in_core_route(tmp_path, rng, local_client):
     ks = _store(tmp_path, rng, 600, 100)
     ridges = [1e-4, 1e-2, 1.0]
-    core = solve_store(ks.path, ridges=ridges, method="cholesky", write_results=False)
+    core = solve_store(ks.path, ridges=ridges, solver="cholesky", write_results=False)
     dist = solve_store(
-        ks.path, ridges=ridges, method="cg", client=local_client, band_bytes=2**20,
+        ks.path, ridges=ridges, solver="cg", client=local_client, band_bytes=2**20,
         write_results=False, rank=64,
     )  # fmt: skip
     assert dist.ridge == core.ridge and dist.val_accuracy == core.val_accuracy
@@ -230,7 +230,7 @@ def test_memory_stays_within_the_band_budget(tmp_path, rng):
             lambda: solve_store(
                 ks.path,
                 ridges=[1e-1],
-                method="cg",
+                solver="cg",
                 client=client,
                 band_bytes=16 * 2**20,
                 write_results=False,
@@ -259,7 +259,7 @@ def test_a_worker_killed_mid_solve_on_a_real_cluster(tmp_path, rng, monkeypatch)
     from deqntk_dist.regression import distributed as dist_mod
 
     ks = _store(tmp_path, rng, 900, 100)
-    ref = solve_store(ks.path, ridges=[1e-3], method="cholesky", write_results=False)
+    ref = solve_store(ks.path, ridges=[1e-3], solver="cholesky", write_results=False)
     cluster = _CliCluster(tmp_path, 2)
     try:
         client, victim = cluster.client, cluster.workers[0]
@@ -275,7 +275,7 @@ def test_a_worker_killed_mid_solve_on_a_real_cluster(tmp_path, rng, monkeypatch)
 
         monkeypatch.setattr(dist_mod.BandedKernel, "matmul", matmul)
         rep = solve_store(
-            ks.path, ridges=[1e-3], method="cg", client=client, band_bytes=2**20,
+            ks.path, ridges=[1e-3], solver="cg", client=client, band_bytes=2**20,
             write_results=False, rank=64, keep_bands=True,
         )  # fmt: skip
         assert calls["n"] > 3 and victim.poll() is not None
@@ -288,12 +288,12 @@ def test_a_worker_killed_mid_solve_on_a_real_cluster(tmp_path, rng, monkeypatch)
 
 def test_bad_distributed_arguments(tmp_path, rng, local_client):
     ks = _store(tmp_path, rng, 100, 10, tile=64)
-    with pytest.raises(InputError, match="a Dask cluster needs method 'cg', got method 'auto'"):
+    with pytest.raises(InputError, match="a Dask cluster needs solver='cg', got solver='auto'"):
         solve_store(ks.path, client=local_client)
-    with pytest.raises(InputError, match="band_bytes must be an integer >= 1 MiB, got 10"):
-        solve_store(ks.path, method="cg", client=local_client, band_bytes=10)
+    with pytest.raises(InputError, match="band_bytes must be at least 1 MiB, got 10"):
+        solve_store(ks.path, solver="cg", client=local_client, band_bytes=10)
     with pytest.raises(InputError, match="ridges must be"):
-        solve_store(ks.path, method="cg", client=local_client, ridges=[-1])
+        solve_store(ks.path, solver="cg", client=local_client, ridges=[-1])
 
 
 def test_cli_solve_on_a_local_cluster(tmp_path, rng, capsys):
@@ -302,11 +302,11 @@ def test_cli_solve_on_a_local_cluster(tmp_path, rng, capsys):
     from deqntk_dist.cli import main
 
     ks = _store(tmp_path, rng, 700, 80)
-    argv = ["solve", ks.path, "--method", "cg", "--cluster", "local", "--workers", "2"]
-    assert main([*argv, "--ridge", "1e-3", "--band-memory", "1MiB", "--json"]) == 0
+    argv = ["solve", ks.path, "--solver", "cg", "--cluster", "local", "--workers", "2"]
+    assert main([*argv, "--ridges", "1e-3", "--band-memory", "1MiB", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "cg-distributed" and rep["detail"]["bands"] == 3
-    chol = solve_store(ks.path, ridges=[1e-3], method="cholesky", write_results=False)
+    chol = solve_store(ks.path, ridges=[1e-3], solver="cholesky", write_results=False)
     assert rep["accuracy"] == chol.accuracy
     assert main(["solve", ks.path, "--scheduler", "tcp://127.0.0.1:1"]) == 2
-    assert "--scheduler / --cluster need --method cg, got --method auto" in capsys.readouterr().err
+    assert "--scheduler / --cluster need --solver cg, got --solver auto" in capsys.readouterr().err

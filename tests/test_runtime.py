@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deqntk_dist.errors import InputError
+from deqntk_dist.errors import ClusterError, InputError
 from deqntk_dist.runtime import MALLOC_ENV, RuntimeConfig, dask_client
 
 pytestmark = pytest.mark.cluster
@@ -157,3 +157,142 @@ def test_jobqueue_scheduler_dashboard_on_loopback():
         cluster.close()
     assert (os.getpid(), "127.0.0.1", port) in found
     assert {ip for _, ip, _ in found} == {"127.0.0.1"}, found
+
+
+# --------------------------------------------------------- issue 16: scheduler problems
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _enter(config: RuntimeConfig) -> None:
+    with dask_client(config):
+        raise AssertionError("dask_client yielded a client")
+
+
+def test_no_scheduler_at_the_address_is_a_cluster_error_within_the_timeout():
+    import time
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as info:
+        _enter(RuntimeConfig(scheduler=address, connect_timeout=1.5))
+    took = time.monotonic() - t0
+    assert took < 10, took
+    message = str(info.value)
+    assert message.startswith(f"scheduler={address!r}: no dask scheduler reachable at {address}")
+    assert "within 1.5 s" in message and "--" not in message
+    assert isinstance(info.value, RuntimeError) and info.value.jobs == []
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_connect_timeout_from_dask_config_and_validated():
+    import time
+
+    import dask
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with dask.config.set({"deqntk.connect-timeout": "1s"}):
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"within 1 s"):
+            _enter(RuntimeConfig(scheduler=address))
+        assert time.monotonic() - t0 < 10
+    with dask.config.set({"deqntk.connect-timeout": "soon"}):
+        with pytest.raises(InputError, match="deqntk.connect-timeout must be a positive"):
+            _enter(RuntimeConfig(scheduler=address))
+    for bad in (0, -1.0, "3s", True):
+        with pytest.raises(InputError, match="connect_timeout must be a number of seconds"):
+            RuntimeConfig(scheduler=address, connect_timeout=bad)
+
+
+def test_missing_or_malformed_scheduler_file_is_a_cluster_error(tmp_path):
+    import json
+    import time
+
+    missing = str(tmp_path / "scheduler.json")
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"^scheduler='.*scheduler\.json': no dask scheduler "
+                       r"file at .*scheduler\.json \(waited 0\.5 s"):  # fmt: skip
+        _enter(RuntimeConfig(scheduler=missing, connect_timeout=0.5))
+    assert time.monotonic() - t0 < 5
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ClusterError, match=r"bad\.json is not a dask scheduler file \(not JSON"):
+        _enter(RuntimeConfig(scheduler=str(bad), connect_timeout=0.5))
+    bad.write_text(json.dumps({"type": "Scheduler"}))
+    with pytest.raises(ClusterError, match=r"not a dask scheduler file \(it has no 'address'"):
+        _enter(RuntimeConfig(scheduler=str(bad), connect_timeout=0.5))
+    # a file naming a scheduler that is gone: both are named
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    bad.write_text(json.dumps({"address": address}))
+    with pytest.raises(ClusterError) as info:
+        _enter(RuntimeConfig(scheduler=str(bad), connect_timeout=1))
+    assert f"reachable at {address} (from the scheduler file {bad})" in str(info.value)
+
+
+def test_malformed_scheduler_value_is_an_input_error():
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    for bad in ("notanaddress", "foo://127.0.0.1:1"):
+        with pytest.raises(InputError, match=rf"^scheduler must be .* got {bad!r}"):
+            _enter(RuntimeConfig(scheduler=bad, connect_timeout=1))
+        # the Client that failed to start left no default scheduler behind
+        assert dask.config.get("scheduler", None) == before
+    for bad in ("", "  ", 8786):
+        with pytest.raises(InputError, match="scheduler must be a scheduler address"):
+            RuntimeConfig(scheduler=bad)
+
+
+def test_scheduler_file_of_a_running_scheduler_and_one_without_workers(tmp_path):
+    """A scheduler file written by a running scheduler connects; a scheduler that no worker
+    joins is a ClusterError after deqntk.worker-timeout."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        path = str(tmp_path / "scheduler.json")
+        client.write_scheduler_file(path)
+        with dask_client(RuntimeConfig(scheduler=path, connect_timeout=5)) as cl:
+            assert cl.scheduler.address == cluster.scheduler_address
+            assert len(cl.scheduler_info()["workers"]) == 1
+    with (
+        LocalCluster(
+            n_workers=0, processes=False, dashboard_address=None, silence_logs=logging.ERROR
+        ) as empty,
+        dask.config.set({"deqntk.worker-timeout": 0.5}),
+    ):
+        with pytest.raises(ClusterError, match=r"no dask worker joined the scheduler .* 0\.5 s"):
+            _enter(RuntimeConfig(scheduler=empty.scheduler_address, connect_timeout=5))
+
+
+def test_the_site_config_restates_the_package_defaults():
+    """cluster/deqntk.yaml (a site copy users edit) and the package defaults agree on every
+    key they share, and the code reads the package defaults when nothing overrides them."""
+    from pathlib import Path
+
+    import dask
+    import yaml
+
+    from deqntk_dist.config import DEFAULTS, setting
+
+    site = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "deqntk.yaml").read_text())
+    ours = DEFAULTS["deqntk"]
+    shared = set(site["deqntk"]) & set(ours)
+    assert {"worker-timeout", "adapt", "direct-io", "max-failed-starts"} <= shared
+    for key in shared:
+        assert site["deqntk"][key] == ours[key], key
+    assert setting("worker-timeout") == ours["worker-timeout"] == 7200
+    with dask.config.set({"deqntk.worker-timeout": 5}):
+        from deqntk_dist.runtime import _worker_timeout
+
+        assert _worker_timeout() == 5.0

@@ -39,7 +39,7 @@ BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "cluster" / "slurm" / "local-slurm.sh"
 # 12x12 images, gap readout: ~0.1-0.2 s per 8x8 tile on one core, long enough to act mid-run
 SPEC = CDEQSpec(sigma_w2=1.0, sigma_u2=1.0, sigma_b2=0.1, readout="gap")
-SPEC_ARGS = ["--kernel", "cdeq", "--readout", "gap", "--sigma-w2", "1", "--sigma-u2", "1"]
+SPEC_ARGS = ["--model", "cdeq", "--readout", "gap", "--sigma-w2", "1", "--sigma-u2", "1"]
 SPEC_ARGS += ["--sigma-b2", "0.1", "--tile", "8", "--no-progress"]
 N, SIDE = 120, 12  # 15 x 15 blocks: 120 tiles
 

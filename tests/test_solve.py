@@ -18,7 +18,7 @@ from deqntk_dist.errors import (
     SolveError,
     StoreError,
 )
-from deqntk_dist.regression import kernel_ridge, one_hot_targets, parse_memory, solve_store
+from deqntk_dist.regression import kernel_ridge, one_hot_targets, solve_store
 from deqntk_dist.regression.linalg import (
     IndexedBlocks,
     block_cholesky,
@@ -178,18 +178,18 @@ def test_validation_selects_known_best_ridge():
 # ---------------------------------------------------------------------------- kernel store
 def test_store_cholesky_and_cg_agree(big_store, tmp_path):
     ks = big_store
-    chol = solve_store(ks.path, ridges=[1e-3], method="cholesky", report_path=tmp_path / "r.json")
-    cg = solve_store(ks.path, ridges=[1e-3], method="cg", write_results=False)
+    chol = solve_store(ks.path, ridges=[1e-3], solver="cholesky", report_path=tmp_path / "r.json")
+    cg = solve_store(ks.path, ridges=[1e-3], solver="cg", write_results=False)
     streamed = solve_store(
-        ks.path, ridges=[1e-3], method="cg", memory_limit="20MB", write_results=False
+        ks.path, ridges=[1e-3], solver="cg", memory_limit="20MB", write_results=False
     )
     assert chol.method == "cholesky-dense" and cg.method == "nystrom-dense"
     assert streamed.method == "cg-nystrom"
     assert _rel(cg.alpha, chol.alpha) <= 1e-6 and _rel(streamed.alpha, chol.alpha) <= 1e-6
     # validation on the in-memory Nystrom route (the fit rows without a copy) chooses as
     # the Cholesky route does, from the same accuracies
-    a = solve_store(ks.path, ridges=[1e-4, 1e-2, 1], method="cg", write_results=False)
-    b = solve_store(ks.path, ridges=[1e-4, 1e-2, 1], method="cholesky", write_results=False)
+    a = solve_store(ks.path, ridges=[1e-4, 1e-2, 1], solver="cg", write_results=False)
+    b = solve_store(ks.path, ridges=[1e-4, 1e-2, 1], solver="cholesky", write_results=False)
     assert a.ridge == b.ridge and a.val_accuracy == b.val_accuracy
     np.testing.assert_allclose(a.val_mse, b.val_mse, rtol=1e-5)
     # independent: plain zarr read of the store + numpy solve
@@ -218,17 +218,19 @@ def test_store_mixed_precision_reaches_float64_residual(big_store):
     Y = one_hot_targets(ks.labels()[:2400], 3)
     r = Y - (K + rep.shift * np.eye(2400)) @ rep.alpha
     assert np.linalg.norm(r, axis=0).max() / np.linalg.norm(Y, axis=0).min() <= 1e-10
-    ref = solve_store(ks.path, ridges=[1e-4], method="cholesky", write_results=False)
+    ref = solve_store(ks.path, ridges=[1e-4], solver="cholesky", write_results=False)
     assert _rel(rep.alpha, ref.alpha) < 1e-8
 
 
-def test_incomplete_store_refused_or_solved_on_complete_blocks(tmp_path, rng):
+def test_incomplete_store_refused_or_solved_on_complete_blocks(tmp_path, rng, capsys):
     x, y = _data(rng, 300)
     tiles = [(0, 0), (0, 1), (1, 1), (0, 3), (1, 3), (3, 3)]  # block 2 missing
     ks = _make_store(tmp_path, x, y, 200, tile=64, tiles=tiles)
-    with pytest.raises(IncompleteStoreError, match="tiles are not done.*allow-incomplete"):
+    with pytest.raises(IncompleteStoreError, match="tiles are not done.*allow_incomplete=True"):
         solve_store(ks.path, ridges=[1e-3])
-    assert main(["solve", ks.path, "--ridge", "1e-3"]) == 2
+    assert main(["solve", ks.path, "--ridges", "1e-3"]) == 2
+    err = capsys.readouterr().err  # the CLI names its own flag, not the parameter
+    assert "pass --allow-incomplete to solve" in err and "allow_incomplete" not in err
     rep = solve_store(ks.path, ridges=[1e-3], allow_incomplete=True)
     # blocks 0, 1 and 3 are complete against each other: train rows 0..127 and 192..199
     # (block 3 straddles n_train), test rows 200..255 (block 4 is missing)
@@ -304,9 +306,8 @@ def test_bad_parameters(rng):
         kernel_ridge(K, y, ridges=[0.1, -1])
     with pytest.raises(InputError, match="val_fraction"):
         kernel_ridge(K, y, val_fraction=0.9)
-    with pytest.raises(InputError, match="memory_limit"):
-        parse_memory("lots")
-    assert parse_memory("1.5GB") == 1_500_000_000 and parse_memory("2 GiB") == 2 * 2**30
+    with pytest.raises(InputError, match="memory_limit has the ambiguous unit 'G'"):
+        kernel_ridge(K, y, memory_limit="1G")
 
 
 def test_cli_solve_json(big_store, tmp_path, capsys):
@@ -315,7 +316,7 @@ def test_cli_solve_json(big_store, tmp_path, capsys):
         [
             "solve",
             big_store.path,
-            "--ridge",
+            "--ridges",
             "1e-3,1e-1",
             "--report",
             str(out),
@@ -415,7 +416,7 @@ def test_solve_checks_where_results_go_before_solving(tmp_path, rng, monkeypatch
     missing = tmp_path / "no" / "such" / "dir" / "r.json"
     with pytest.raises(InputError, match=r"report must be a file in an existing directory"):
         solve_store(ks.path, ridges=[1e-3], report_path=missing)
-    assert main(["solve", ks.path, "--ridge", "1e-3", "--report", str(missing)]) == 2
+    assert main(["solve", ks.path, "--ridges", "1e-3", "--report", str(missing)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err
     assert calls == [] and read_results(ks.path, "ntk") is None
@@ -433,7 +434,9 @@ def test_solve_on_a_read_only_or_full_store_fails_first(tmp_path, rng, monkeypat
         solve_mod, "kernel_ridge", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     fs.readonly()
-    with pytest.raises(StoreError, match=r"cannot write results into kernel store .*--no-write"):
+    with pytest.raises(
+        StoreError, match=r"cannot write results into kernel store .*write_results=False"
+    ):
         solve_store(ks.path, ridges=[1e-3])
     assert calls == []
     rep = solve_store(ks.path, ridges=[1e-3], write_results=False)  # reading still works
@@ -467,7 +470,7 @@ def test_a_late_write_failure_keeps_the_result(tmp_path, rng, monkeypatch, capsy
     np.testing.assert_array_equal(arrays["alpha"], ref.alpha)
     np.testing.assert_array_equal(arrays["predictions"], ref.predictions)
     assert read_results(ks.path, "ntk") is None
-    assert main(["solve", ks.path, "--ridge", "1e-3"]) == 2
+    assert main(["solve", ks.path, "--ridges", "1e-3"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "saved to" in err
 
@@ -524,3 +527,14 @@ def test_more_classes_than_the_dataset_bound_is_an_input_error():
 
     with pytest.raises(InputError, match="labels must be < 10000"):
         one_hot_targets(np.array([0, 3, 20_000]))
+
+
+def test_solve_store_method_is_the_deprecated_name_of_solver(tmp_path, rng):
+    x, y = _data(rng, 120)
+    ks = _make_store(tmp_path, x, y, 100, tile=64)
+    with pytest.warns(DeprecationWarning, match=r"method=\.\.\.\) is deprecated; use solver"):
+        old = solve_store(ks.path, ridges=[1e-3], method="cholesky", write_results=False)
+    new = solve_store(ks.path, ridges=[1e-3], solver="cholesky", write_results=False)
+    np.testing.assert_array_equal(old.alpha, new.alpha)
+    with pytest.raises(InputError, match="solver must be one of"):
+        solve_store(ks.path, solver="lu", write_results=False)

@@ -47,7 +47,7 @@ def test_dataset_and_kernel_store_on_s3_through_the_cli(tmp_path, rng, s3_server
     ds = write_dataset_store(f"{bucket}/ds.zarr", x, y, n_train=100, name="t")
     assert ds.path == f"{bucket}/ds.zarr" and open_dataset_store(ds.path).fingerprint
     store = f"{bucket}/ks.zarr"
-    args = [*SPEC_ARGS, "--tile", tile, "--workers", 2, "--what", "ntk,nngp", "--no-progress"]
+    args = [*SPEC_ARGS, "--tile", tile, "--workers", 2, "--kernels", "ntk,nngp", "--no-progress"]
     first = subprocess.run(
         _cli("compute", ds.path, store, *args, "--max-tiles", 4),
         capture_output=True,
@@ -67,7 +67,7 @@ def test_dataset_and_kernel_store_on_s3_through_the_cli(tmp_path, rng, s3_server
     np.testing.assert_array_equal(ks.array("ntk")[...], full.ntk.astype(np.float32))
     np.testing.assert_array_equal(ks.array("nngp")[...], full.nngp.astype(np.float32))
     solved = subprocess.run(
-        _cli("solve", store, "--ridge", "1e-3"), capture_output=True, text=True, timeout=300
+        _cli("solve", store, "--ridges", "1e-3"), capture_output=True, text=True, timeout=300
     )
     assert solved.returncode == 0, solved.stderr
     res = read_results(store, "ntk")
@@ -87,7 +87,7 @@ def test_sigkill_and_resume_on_s3_gives_the_bytes_of_an_uninterrupted_run(
     n, tile = 360, 24
     x = rng.normal(size=(n, 20))
     ds = write_dataset_store(f"{bucket}/ds.zarr", x, rng.integers(0, 4, n), n_train=300, name="t")
-    args = [*SPEC_ARGS, "--tile", tile, "--workers", 2, "--what", "ntk,nngp"]
+    args = [*SPEC_ARGS, "--tile", tile, "--workers", 2, "--kernels", "ntk,nngp"]
     ref = tmp_path / "ref.zarr"  # the same job, uninterrupted, on local disk
     done = subprocess.run(
         _cli("compute", ds.path, ref, *args, "--no-progress"), capture_output=True, text=True

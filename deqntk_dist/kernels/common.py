@@ -182,7 +182,7 @@ def gram(
             _gram_stripe(G, X, Y, *stripes[0], upper)
         else:
             pool = _pool(len(stripes), os.getpid())  # a pool inherited by fork has no threads
-            list(pool.map(lambda s: _gram_stripe(G, X, Y, *s, upper), stripes))
+            list(pool.map(lambda s: _gram_stripe(G, X, Y, s[0], s[1], upper), stripes))
     return G
 
 

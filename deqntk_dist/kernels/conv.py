@@ -38,7 +38,7 @@ and their self-covariances, never on the tile, the batch or the thread count.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numba as nb
 import numpy as np
@@ -206,9 +206,15 @@ def slice_tasks(inputs, plan, pi, pj, *, tol, max_iter, history, method) -> np.n
     spec, X3, Y3, VX2, VY2, SX2, SY2, ISX2, ISY2, activation, bounds, start, shape = inputs
     d1s, d2s, WR, WC, _ = plan
     H, W, r = shape
+    act, use_quad, nodes, weights = activation
+    mu_lo, mu_hi = bounds
+    table, t_max, inv_step = start
     out = np.empty((pi.shape[0] * d1s.shape[0], 6))
     pair_tasks(
-        *activation,
+        act,
+        use_quad,
+        nodes,
+        weights,
         spec.sigma_w2,
         spec.sigma_u2,
         spec.sigma_b2,
@@ -233,8 +239,11 @@ def slice_tasks(inputs, plan, pi, pj, *, tol, max_iter, history, method) -> np.n
         int(max_iter),
         int(history),
         int(method),
-        *bounds,
-        *start,
+        mu_lo,
+        mu_hi,
+        table,
+        t_max,
+        inv_step,
         nb.get_num_threads(),
         out,
     )
@@ -260,6 +269,7 @@ def readout_plan(spec: CDEQSpec, H: int, W: int):
         d1s, d2s = np.zeros(1, np.int64), np.zeros(1, np.int64)
     else:
         c = spec.pool_size if spec.readout == "lap" else max(H, W)
+        assert c is not None  # readout "lap" has a pool_size (CDEQSpec checks)
         e1, e2 = min(c - 1, H - 1), min(c - 1, W - 1)
         g1, g2 = np.meshgrid(np.arange(-e1, e1 + 1), np.arange(-e2, e2 + 1), indexing="ij")
         d1s, d2s = g1.ravel().astype(np.int64), g2.ravel().astype(np.int64)
@@ -267,6 +277,7 @@ def readout_plan(spec: CDEQSpec, H: int, W: int):
     WR = np.ones((n_off, H))
     WC = np.ones((n_off, W))
     if spec.readout == "lap":
+        assert spec.pool_size is not None  # CDEQSpec checks
         R = (spec.pool_size - 1) // 2
         for o in range(n_off):
             WR[o, : H - abs(d1s[o])] = _overlap_counts(H, int(d1s[o]), R)
@@ -380,14 +391,16 @@ def conv_kernel(
     if solver not in _SOLVERS:
         raise InputError(f"solver must be one of {', '.join(_SOLVERS)}, got {solver!r}")
     symmetric = Y is None
-    Y = X if symmetric else Y
-    opts = {"tol": tol, "max_iter": max_iter, "history": history, "n_nodes": n_nodes}
+    Y = X if Y is None else Y
+    self_cov = partial(
+        conv_self_covariance, spec, tol=tol, max_iter=max_iter, history=history, n_nodes=n_nodes
+    )
     VX = _check_self("self_x", self_x, X)
     VY = _check_self("self_y", self_y, Y)
     if VX is None:
-        VX = conv_self_covariance(spec, X, **opts)
+        VX = self_cov(X)
     if VY is None:
-        VY = VX if symmetric else conv_self_covariance(spec, Y, **opts)
+        VY = VX if symmetric else self_cov(Y)
     run = {
         "memory_budget": memory_budget,
         "tol": float(tol),

@@ -195,5 +195,6 @@ def dual_maps(
     k1 = np.empty(flat[0].shape[0])
     k0 = np.empty_like(k1)
     nodes, weights = gauss_hermite(n_nodes)
-    _dual_maps_flat(ACTIVATION_IDS[activation], bool(quadrature), *flat, nodes, weights, k1, k0)
+    act = ACTIVATION_IDS[activation]
+    _dual_maps_flat(act, bool(quadrature), flat[0], flat[1], flat[2], nodes, weights, k1, k0)
     return k1.reshape(shape), k0.reshape(shape)

@@ -11,7 +11,7 @@ Newton from a tabulated inverse converges monotonically to machine precision in 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numba as nb
 import numpy as np
@@ -226,6 +226,7 @@ def _outputs(out: dict | None, n: int, m: int) -> tuple[np.ndarray, np.ndarray, 
         return np.empty((n, m)), np.empty((n, m)), (True, True)
     ntk, nngp = out.get("ntk"), out.get("nngp")
     some = ntk if ntk is not None else nngp
+    assert some is not None  # ``out`` holds at least one kernel
     dummy = np.empty((1, 1), dtype=some.dtype)
     return (
         dummy if ntk is None else ntk,
@@ -262,8 +263,15 @@ def _relu_fc(spec: DEQSpec, X, Y, symmetric: bool, out: dict | None = None) -> K
         else:
             blocks = [(g0, g1, 0, m)]
         for i0, i1, j0, j1 in blocks:
-            args = (G[i0 - g0 : i1 - g0, j0 - c0 : j1 - c0], sx[i0:i1], sy[j0:j1])
-            args += (su2_d, sb2, sw2, tmax)
+            args = (
+                G[i0 - g0 : i1 - g0, j0 - c0 : j1 - c0],
+                sx[i0:i1],
+                sy[j0:j1],
+                su2_d,
+                sb2,
+                sw2,
+                tmax,
+            )
             outs = (
                 ntk[i0:i1, j0:j1] if want[0] else ntk,
                 nngp[i0:i1, j0:j1] if want[1] else nngp,
@@ -557,7 +565,7 @@ def finite_depth_kernel(
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     symmetric = Y is None
-    Y = X if symmetric else Y
+    Y = X if Y is None else Y
     d = X.shape[1]
     su2_d = spec.sigma_u2 / d
     Ixy = su2_d * (X @ Y.T) + spec.sigma_b2
@@ -568,13 +576,15 @@ def finite_depth_kernel(
         Ixx = su2_d * np.einsum("ij,ij->i", X, X) + spec.sigma_b2
         Iyy = su2_d * np.einsum("ij,ij->i", Y, Y) + spec.sigma_b2
     quad = spec.activation not in ("relu", "erf")
-    kw = {"quadrature": quad, "n_nodes": n_nodes or DEFAULT_QUAD_NODES}
+    maps = partial(
+        dual_maps, spec.activation, quadrature=quad, n_nodes=n_nodes or DEFAULT_QUAD_NODES
+    )
     S, Sx, Sy, T = Ixy.copy(), Ixx.copy(), Iyy.copy(), Ixy.copy()
     change = 0.0
     for _ in range(depth - 1):
-        k1, k0 = dual_maps(spec.activation, Sx[:, None], Sy[None, :], S, **kw)
-        k1x, _ = dual_maps(spec.activation, Sx, Sx, Sx, **kw)
-        k1y, _ = dual_maps(spec.activation, Sy, Sy, Sy, **kw)
+        k1, k0 = maps(Sx[:, None], Sy[None, :], S)
+        k1x, _ = maps(Sx, Sx, Sx)
+        k1y, _ = maps(Sy, Sy, Sy)
         if injection_all_layers:
             S_new, Sx_new, Sy_new = (
                 spec.sigma_w2 * k1 + Ixy,

@@ -10,7 +10,7 @@
 """
 
 from .from_store import complete_rows, solve_store
-from .krr import DEFAULT_RIDGES, METHODS, kernel_ridge, one_hot_targets, parse_memory, plan_method
+from .krr import DEFAULT_RIDGES, METHODS, kernel_ridge, one_hot_targets, plan_method
 from .report import SolveReport
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "complete_rows",
     "kernel_ridge",
     "one_hot_targets",
-    "parse_memory",
     "plan_method",
     "solve_store",
 ]

@@ -240,7 +240,7 @@ class NystromDenseSolver:
         self.K, self.tol, self.max_iter, self.what = K, tol, max_iter, what
         # ``rows``: solve on ``K[rows][:, rows]`` without a copy of that block
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        self.n = K.shape[0] if rows is None else self.rows.size
+        self.n = K.shape[0] if self.rows is None else self.rows.size
         diag = np.diagonal(K) if rows is None else np.diagonal(K)[self.rows]
         self.trace = float(diag.sum(dtype=np.float64))
         if not self.trace > 0:
@@ -257,7 +257,7 @@ class NystromDenseSolver:
                 out[s0 : s0 + band.shape[0]] = band @ om
             return out
 
-        eps = np.finfo(np.float32).eps if single else None
+        eps = float(np.finfo(np.float32).eps) if single else None
         self.nys = nystrom_preconditioner(self.n, rank, seed=seed, sketch=sketch, eps=eps)
 
     def _matmul(self, P: np.ndarray, shift: float) -> np.ndarray:

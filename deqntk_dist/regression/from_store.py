@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import IncompleteStoreError, InputError, SolveError, StoreError
+from ..options import SolveOptions
 from .krr import check_options, kernel_ridge
 from .linalg import IndexedBlocks
 from .report import SolveReport
@@ -39,55 +42,45 @@ def complete_rows(store) -> tuple[np.ndarray, np.ndarray]:
             break
         if done[b, b] and all(done[b, c] for c in chosen):
             chosen.append(b)
-    train = [np.arange(*plan.bounds(b)) for b in chosen]
-    train = np.concatenate(train) if train else np.zeros(0, np.int64)
+    parts = [np.arange(*plan.bounds(b)) for b in chosen]
+    train = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     train = train[train < nt]
-    test = []
+    tests = []
     for b in range(plan.n_blocks):
         r0, r1 = plan.bounds(b)
         if r1 > nt and chosen and all(done[b, c] for c in chosen):
-            test.append(np.arange(max(r0, nt), r1))
-    test = np.concatenate(test) if test else np.zeros(0, np.int64)
+            tests.append(np.arange(max(r0, nt), r1))
+    test = np.concatenate(tests) if tests else np.zeros(0, np.int64)
     return train.astype(np.int64), test.astype(np.int64)
 
 
 def solve_store(
     kernel_store_path,
+    options: SolveOptions | None = None,
     *,
-    kernel: str = "ntk",
-    ridges=None,
-    method: str = "auto",
-    memory_limit=None,
-    allow_incomplete: bool = False,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    tol: float = 1e-10,
-    max_iter: int = 500,
-    rank: int = 512,
     write_results: bool = True,
     report_path=None,
     client=None,
-    band_bytes: int = 256 * 2**20,
-    keep_bands: bool | None = None,
+    **fields: Any,
 ) -> SolveReport:
     """Kernel ridge regression on a kernel store; results written back into it.
 
     Parameters
     ----------
     kernel_store_path : str or Path
-    kernel : {"ntk", "nngp"}
-    allow_incomplete : bool
-        Solve a partial store on the training / test rows whose tiles are all done
-        (:func:`complete_rows`); otherwise a store with missing tiles is refused.
+    options : SolveOptions, optional
+        Kernel, ridges, solver and their knobs (default ``SolveOptions()``).
+    **fields
+        :class:`~deqntk_dist.options.SolveOptions` fields that replace those of
+        ``options`` (``solve_store(path, ridges=[1e-3], solver="cg")``).  ``method`` is the
+        earlier name of ``solver`` (deprecated).
     write_results : bool
         Write ``results/<kernel>`` into the store (a new version behind one pointer, see
-        :mod:`.results`).
+        :mod:`.results`), with ``options.to_dict()`` in its attrs.
     report_path : str or Path, optional
         Also write the JSON report there (its directory must exist).
-    ridges, method, memory_limit, val_fraction, seed, tol, max_iter, rank
-        As in :func:`kernel_ridge`.
     client : distributed.Client, optional
-        With ``method="cg"``: solve on this Dask cluster (:mod:`.distributed`): the train
+        With ``solver="cg"``: solve on this Dask cluster (:mod:`.distributed`): the train
         block in row bands of ``band_bytes`` held by the workers (``keep_bands``; default:
         when they take at most half of the cluster's memory limit, else re-read from the
         store every iteration), a Nyström preconditioner built there, the driver holding
@@ -110,6 +103,12 @@ def solve_store(
         written (checked before the solve).
     SolveError
     """
+    opts = _options(options, fields)
+    kernel, ridges, method = opts.kernel, opts.ridges, opts.solver
+    allow_incomplete, band_bytes = opts.allow_incomplete, opts.band_bytes
+    val_fraction, seed, tol, max_iter, rank = (
+        opts.val_fraction, opts.seed, opts.tol, opts.max_iter, opts.rank,
+    )  # fmt: skip
     from ..store import open_kernel_store
 
     store = open_kernel_store(kernel_store_path)
@@ -130,8 +129,8 @@ def solve_store(
         shown = ", ".join(map(str, missing[:5]))
         raise IncompleteStoreError(
             f"{store.path}: {len(missing)} of {store.plan.n_tiles} tiles are not done "
-            f"(e.g. {shown}); finish it with `deqntk compute` or pass allow_incomplete "
-            "(--allow-incomplete) to solve on the complete blocks only"
+            f"(e.g. {shown}); finish it with `deqntk compute` or pass allow_incomplete=True "
+            "to solve on the complete blocks only"
         )
     if missing:
         train_rows, test_rows = complete_rows(store)
@@ -147,20 +146,18 @@ def solve_store(
         from .distributed import distributed_ridge
 
         if method != "cg":
-            raise InputError(f"a Dask cluster needs method 'cg', got method {method!r}")
-        if not (isinstance(band_bytes, int) and band_bytes >= 2**20):
-            raise InputError(f"band_bytes must be an integer >= 1 MiB, got {band_bytes!r}")
+            raise InputError(f"a Dask cluster needs solver='cg', got solver={method!r}")
         report = distributed_ridge(
             client, store, kernel, train_rows, test_rows, labels,
             ridges=check_options(ridges, val_fraction, tol, max_iter, rank),
             n_classes=n_classes, val_fraction=val_fraction, seed=seed, tol=tol,
-            max_iter=max_iter, rank=rank, band_bytes=band_bytes, keep=keep_bands,
+            max_iter=max_iter, rank=rank, band_bytes=band_bytes, keep=opts.keep_bands,
         )  # fmt: skip
     else:
         arr = _GuardedArray(store.array(kernel), f"{store.path}/{kernel}")
         report = _in_process(
             arr, store, kernel, train_rows, test_rows, labels, n_classes, ridges, method,
-            memory_limit, val_fraction, seed, tol, max_iter, rank,
+            opts.memory_limit, val_fraction, seed, tol, max_iter, rank,
         )  # fmt: skip
     report = dataclasses.replace(report, store=store.path, incomplete=bool(missing))
     failed = []
@@ -176,7 +173,8 @@ def solve_store(
             else np.zeros((0, report.n_classes)),
         }
         try:
-            write_version(store.path, kernel, arrays, {"report": report.to_dict()})
+            attrs = {"report": report.to_dict(), "options": opts.to_dict()}
+            write_version(store.path, kernel, arrays, attrs)
         except OSError as exc:
             failed.append(f"results/{kernel} into {store.path} ({exc.strerror or exc})")
     if report_path is not None:
@@ -188,6 +186,21 @@ def solve_store(
         where = _save_elsewhere(report, train_rows, test_rows)
         raise StoreError(f"could not write {' or '.join(failed)}; {where}")
     return report
+
+
+def _options(options: SolveOptions | None, fields: dict[str, Any]) -> SolveOptions:
+    """``options`` with ``fields`` replaced (``method``: the deprecated name of
+    ``solver``)."""
+    if options is not None and not isinstance(options, SolveOptions):
+        raise InputError(f"options must be a SolveOptions, got {type(options).__name__}")
+    if "method" in fields:
+        warnings.warn(
+            "solve_store(method=...) is deprecated; use solver=...",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        fields["solver"] = fields.pop("method")
+    return (options or SolveOptions()).replace(**fields)
 
 
 def _in_process(
@@ -246,7 +259,7 @@ def _check_destinations(store_path: str, kernel: str, write_results: bool, repor
             raise StoreError(
                 f"cannot write results into kernel store {store_path} ({exc.strerror or exc}"
                 f"{': ' + str(exc.filename) if exc.filename else ''}); make it writable or "
-                "pass --no-write (write_results=False)"
+                "pass write_results=False"
             ) from exc
     if report_path is not None:
         parent = Path(report_path).absolute().parent

@@ -23,7 +23,6 @@ Validation solves stop at :data:`VAL_TOL` (enough to rank the ridges).
 from __future__ import annotations
 
 import math
-import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, SolveError
+from ..options import DEFAULT_RIDGES, SOLVERS
 from ..store.dataset import MAX_CLASSES
+from ..units import parse_size
 from .dense import (
     DenseSolver,
     NystromDenseSolver,
@@ -44,6 +45,7 @@ from .dense import (
 )
 from .linalg import (
     IndexedBlocks,
+    NystromPreconditioner,
     as_block_source,
     block_cholesky,
     check_converged,
@@ -60,41 +62,14 @@ __all__ = [
     "METHODS",
     "kernel_ridge",
     "one_hot_targets",
-    "parse_memory",
     "plan_method",
 ]
 
-#: relative ridges lam (the shift is lam * tr(K) / n)
-DEFAULT_RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-METHODS = ("auto", "cholesky", "cg")
+#: the routes a caller may ask for (``method`` here, ``solver`` in :class:`SolveOptions`)
+METHODS = SOLVERS
 
 
 # ----------------------------------------------------------------------------- helpers
-def parse_memory(value) -> int:
-    """Bytes from an int or a string such as ``"16GB"``, ``"500 MiB"``, ``"2e9"``.
-
-    Raises
-    ------
-    InputError
-        Not a positive size.
-    """
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        n = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(value))
-        if not m:
-            raise InputError(f"memory_limit must be a size like 16GB or 500MiB, got {value!r}")
-        try:
-            n = float(m.group(1))
-        except ValueError:
-            raise InputError(f"memory_limit must be a size like 16GB, got {value!r}") from None
-        power = " kmgt".index(m.group(2).lower() or " ")
-        n *= (1024 if m.group(3) else 1000) ** power
-    if not math.isfinite(n) or n <= 0:
-        raise InputError(f"memory_limit must be a positive size, got {value!r}")
-    return int(n)
-
-
 def _default_memory_limit() -> int:
     import psutil
 
@@ -217,7 +192,7 @@ class _Solver:
     ):
         self.K, self.route, self.tol, self.max_iter = K, route, tol, max_iter
         self.rank, self.seed, self.block, self.what = rank, seed, block, what
-        self._nystrom = None
+        self._nystrom: NystromPreconditioner | None = None
         self.trace = float(diagonal(K, block=block).sum())
         if not self.trace > 0:
             raise SolveError(f"{what} has a non-positive trace {self.trace:.6g}; not a kernel")
@@ -244,7 +219,7 @@ class _Solver:
                 block=self.block,
                 what=self.what,
             )
-            detail = {"nystrom_rank": nys.rank, "nystrom_seconds": nys.seconds}
+            detail: dict[str, Any] = {"nystrom_rank": nys.rank, "nystrom_seconds": nys.seconds}
         else:  # cholesky-mixed: a float32 factor preconditions float64 CG
             F, pshift = factor_escalating(
                 lambda p: block_cholesky(
@@ -404,7 +379,10 @@ def kernel_ridge(
                 f"the test x train kernel has {m} rows"
             )
     ridges = check_options(ridges, val_fraction, tol, max_iter, rank)
-    limit = _default_memory_limit() if memory_limit is None else parse_memory(memory_limit)
+    if memory_limit is None:
+        limit = _default_memory_limit()
+    else:
+        limit = parse_size(memory_limit, param="memory_limit")
     all_labels = y_train if y_test is None else np.concatenate([y_train, y_test])
     if n_classes is None:
         n_classes = int(all_labels.max()) + 1 if all_labels.size else 1

@@ -355,7 +355,7 @@ class NystromPreconditioner:
 
 
 def nystrom_preconditioner(
-    K, rank: int, *, seed: int = 0, block: int | None = None, sketch=None, eps: float = None
+    K, rank: int, *, seed: int = 0, block: int | None = None, sketch=None, eps: float | None = None
 ) -> NystromPreconditioner:
     """Rank-``rank`` randomised Nyström approximation of a PSD block source.
 

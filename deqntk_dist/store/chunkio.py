@@ -8,9 +8,13 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numba as nb
 import numpy as np
+
+if TYPE_CHECKING:
+    import zarr
 
 try:  # the same CRC-32 (zlib's polynomial), ~7x faster with SIMD; zlib's otherwise
     from zlib_ng.zlib_ng import crc32
@@ -22,10 +26,12 @@ __all__ = [
     "DIRECT_MIN_BYTES",
     "AlignedBuffers",
     "aligned_empty",
+    "byte_view",
     "cast_and_mirror",
     "checksum",
     "crc32",
     "write_file",
+    "zarr_array",
 ]
 
 
@@ -34,7 +40,20 @@ def checksum(values: np.ndarray) -> int:
     a = np.ascontiguousarray(values)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return crc32(memoryview(a).cast("B"))
+    return crc32(byte_view(a))
+
+
+def byte_view(a: np.ndarray) -> memoryview:
+    """``memoryview(a).cast("B")``: the bytes of C-contiguous ``a``, without copying."""
+    # numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12, so for the 3.11
+    # target mypy does not see that ndarray has the buffer protocol (it does)
+    return memoryview(a).cast("B")  # type: ignore[arg-type]
+
+
+def zarr_array(group: zarr.Group, key: str) -> zarr.Array:
+    """Node ``key`` of ``group`` typed as an array (zarr types ``group[key]`` as an array
+    or a group; the store layouts have an array at every key this is used for)."""
+    return cast("zarr.Array", group[key])
 
 
 @nb.njit(cache=True, nogil=True)
@@ -90,9 +109,9 @@ class AlignedBuffers:
 
 def _direct_io_enabled() -> bool:
     """dask config ``deqntk.direct-io`` (default true; ``DASK_DEQNTK__DIRECT_IO=false``)."""
-    import dask
+    from ..config import setting
 
-    return bool(dask.config.get("deqntk.direct-io", True))
+    return bool(setting("direct-io"))
 
 
 def write_file(path: Path, data: np.ndarray, *, direct: bool = True) -> bool:
@@ -108,7 +127,7 @@ def write_file(path: Path, data: np.ndarray, *, direct: bool = True) -> bool:
     bool
         Whether direct I/O was used.
     """
-    mv = memoryview(data).cast("B")
+    mv = byte_view(data)
     head = len(mv) - len(mv) % DIRECT_ALIGN
     use = (
         direct

@@ -43,7 +43,7 @@ from __future__ import annotations
 import errno
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -55,10 +55,13 @@ from ..errors import (
     StoreError,
     StoreNotFoundError,
 )
+from ..options import ComputeOptions
 from ..plan import TilePlan
 from ..spec import CDEQSpec, DEQSpec, spec_from_dict
 from .chunkio import (
+    byte_view,
     crc32,
+    zarr_array,
 )
 from .dataset import DatasetStore, open_dataset_store
 from .identity import aux_digest, identity_digest, store_identity, tile_digest
@@ -112,12 +115,25 @@ def _software() -> dict[str, str]:
     return {"name": "deqntk_dist", "version": __version__}
 
 
+def _recorded_options(raw: Any) -> ComputeOptions | None:
+    """The ``compute_options`` record of a store's attrs (None: absent or malformed; it is
+    a record of how the store was made, not part of its identity)."""
+    if raw is None:
+        return None
+    try:
+        return ComputeOptions.from_dict(raw)
+    except (DeqntkError, TypeError):
+        return None
+
+
 class KernelStore(TileIO):
     """An opened kernel store: metadata, reader API and (when writable) tile writes.
 
     Use :func:`open_kernel_store` to read a store and :func:`create_kernel_store` to make
     one.  Attributes: ``path``, ``spec``, ``n``, ``n_train``, ``n_test``, ``tile``,
-    ``dtype``, ``kernels``, ``options``, ``dataset_path``, ``dataset_fingerprint``, ``plan``
+    ``dtype``, ``kernels``, ``options``, ``compute_options`` (the
+    :class:`~deqntk_dist.options.ComputeOptions` of the job that created it, or None),
+    ``dataset_path``, ``dataset_fingerprint``, ``plan``
     (:class:`~deqntk_dist.plan.TilePlan`), ``attrs``, ``identity`` and ``identity_digest``
     (what the attrs claim every tile was computed under, :mod:`.identity`).
 
@@ -132,7 +148,7 @@ class KernelStore(TileIO):
         self.path = str(self.loc)
         self._root = root
         self.writable = writable
-        attrs = dict(root.attrs)
+        attrs: dict[str, Any] = dict(root.attrs)  # JSON, checked below
         self.attrs = attrs
         try:
             self.spec: DEQSpec | CDEQSpec = spec_from_dict(attrs["spec"])
@@ -145,6 +161,7 @@ class KernelStore(TileIO):
             self.dtype = np.dtype(attrs["dtype"])
             self.kernels = tuple(attrs["kernels"])
             self.options = dict(attrs.get("options") or {})
+            self.compute_options = _recorded_options(attrs.get("compute_options"))
             self.plan = TilePlan(n=self.n, tile=self.tile)
             self.format_version = int(attrs.get("format_version", 1))
             if self.format_version not in FORMAT_VERSIONS:
@@ -265,9 +282,9 @@ class KernelStore(TileIO):
 
     def self_covariance(self) -> np.ndarray | None:
         """The stored CDEQ self-covariances, shape (n, H, W), or None for DEQ stores."""
-        if "aux" not in self._root or "self_cov" not in self._root["aux"]:
+        if "aux" not in self._root or "self_cov" not in cast(zarr.Group, self._root["aux"]):
             return None
-        return np.asarray(self._root["aux/self_cov"][...])
+        return np.asarray(zarr_array(self._root, "aux/self_cov")[...])
 
     # ------------------------------------------------------------------------- ledger
     def _ledger(self, field: str) -> np.ndarray:
@@ -304,7 +321,8 @@ class KernelStore(TileIO):
         done = [t for t in self.plan.tiles() if led["done"][t]]
         if "identity" not in led:
             return [], done
-        foreign, legacy = [], []
+        foreign: list[tuple[int, int]] = []
+        legacy: list[tuple[int, int]] = []
         for i, j in done:
             want = self.tile_digest(i, j)
             have = {int(led["identity"][i, j]), int(led["identity"][j, i])}
@@ -530,7 +548,7 @@ class KernelStore(TileIO):
     def write_self_covariance(self, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``[start, stop)`` (one aux row chunk) of the CDEQ self-covariances."""
         self._require_writable()
-        arr = self._root["aux/self_cov"]
+        arr = zarr_array(self._root, "aux/self_cov")
         rows = arr.chunks[0]
         if start % rows or not (stop == min(start + rows, self.n)):
             raise InputError(
@@ -546,13 +564,13 @@ class KernelStore(TileIO):
         arr[start:stop] = values
         k = start // rows
         marks = {
-            "self_cov_checksum": crc32(memoryview(values).cast("B")),
+            "self_cov_checksum": crc32(byte_view(values)),
             "self_cov_identity": aux_digest(self.identity_digest, start, stop),
             "self_cov_done": True,
         }
         for name, value in marks.items():  # data first, ``done`` last
             if self.has(f"aux/{name}"):
-                self._root[f"aux/{name}"][k] = value
+                zarr_array(self._root, f"aux/{name}")[k] = value
 
     def aux_chunks(self) -> list[tuple[int, int, int]]:
         """``(k, start, stop)`` of every self-covariance row chunk (CDEQ stores; else [])."""
@@ -571,7 +589,8 @@ class KernelStore(TileIO):
         if not self.has("aux/self_cov_identity"):
             return [], [k for k, _, _ in chunks if done[k]]
         ids = np.asarray(self._node("aux/self_cov_identity")[...])
-        foreign, legacy = [], []
+        foreign: list[int] = []
+        legacy: list[int] = []
         for k, a, b in chunks:
             if not done[k] or int(ids[k]) == aux_digest(self.identity_digest, a, b):
                 continue
@@ -582,12 +601,12 @@ class KernelStore(TileIO):
         """Row chunks ``(start, stop)`` of ``aux/self_cov`` not yet written (CDEQ only)."""
         if "aux" not in self._root:
             return []
-        flags = np.asarray(self._root["aux/self_cov_done"][...])
+        flags = np.asarray(zarr_array(self._root, "aux/self_cov_done")[...])
         return [(a, b) for k, a, b in self.aux_chunks() if not flags[k]]
 
     def self_covariance_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of the stored self-covariances, float64 (rows, H, W)."""
-        return np.asarray(self._root["aux/self_cov"][start:stop])
+        return np.asarray(zarr_array(self._root, "aux/self_cov")[start:stop])
 
 
 def _slice_range(name: str, s: slice, n: int) -> tuple[int, int]:
@@ -661,7 +680,7 @@ def add_missing_arrays(
     """
     added = []
     nb = plan.n_blocks
-    ledger = root["ledger"] if "ledger" in root else root.create_group("ledger")
+    ledger = cast(zarr.Group, root["ledger"]) if "ledger" in root else root.create_group("ledger")
     if version >= 2:
         if "records" not in ledger:
             ledger.create_array(
@@ -679,8 +698,8 @@ def add_missing_arrays(
                 )  # fmt: skip
                 added.append(f"ledger/{field}")
     if "aux" in root:
-        aux = root["aux"]
-        chunks = aux["self_cov_done"].shape[0]
+        aux = cast(zarr.Group, root["aux"])
+        chunks = zarr_array(aux, "self_cov_done").shape[0]
         for name, (fdtype, fill) in AUX_FIELDS.items():
             if name not in aux:
                 aux.create_array(

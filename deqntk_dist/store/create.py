@@ -15,7 +15,7 @@ import zarr
 from ..errors import InputError, StoreError, StoreMismatchError
 from ..plan import TilePlan, cdeq_pair_seconds, check_plan_size, fc_pair_seconds
 from ..spec import CDEQSpec, DEQSpec
-from .chunkio import crc32
+from .chunkio import byte_view, crc32
 from .core import (
     AUX_ROWS,
     DTYPES,
@@ -107,6 +107,7 @@ def create_kernel_store(
     aux_rows: int = AUX_ROWS,
     layout: int = KERNEL_FORMAT_VERSION,
     chunk: int = DEFAULT_CHUNK,
+    compute_options: dict | None = None,
 ) -> KernelStore:
     """Create a kernel store for ``dataset`` (or reopen a compatible existing one).
 
@@ -131,6 +132,10 @@ def create_kernel_store(
     layout : {1, 2}
         Store layout (``format_version``): 2 (one shard and one ledger record per tile) or
         1 (one chunk and 14 ledger files per tile; for comparisons and older readers).
+    compute_options : dict, optional
+        ``ComputeOptions.to_dict()`` of the job that creates the store, kept in its attrs
+        as ``compute_options`` (a record, not part of its identity; a reopened store keeps
+        its own).
     chunk : int
         Layout 2: side of the inner (consumer) chunks, at most this and a divisor of the
         tile (:func:`~.shards.inner_chunk`).  An existing store keeps its own.
@@ -175,6 +180,8 @@ def create_kernel_store(
         return _reopen(loc, want, asked)
     if layout >= 2:
         want["chunk"] = inner_chunk(plan.tile, chunk)
+    if compute_options is not None:
+        want["compute_options"] = dict(compute_options)
     if loc.is_local and not Path(loc.url).parent.is_dir():
         raise StoreError(
             f"parent directory of the kernel store does not exist: {Path(loc.url).parent}"
@@ -191,7 +198,8 @@ def create_kernel_store(
             2 * len(kernels) + 1 if layout >= 2 else 2 * (len(kernels) + len(LEDGER_FIELDS))
         ),
     )
-    aux_shape = tuple(dataset.x.shape[1:3]) if isinstance(spec, CDEQSpec) else None
+    # CDEQ datasets are (n, H, W, C) (check_dataset_shape)
+    aux_shape = (dataset.x.shape[1], dataset.x.shape[2]) if isinstance(spec, CDEQSpec) else None
     return make_kernel_store(loc, plan, want, dataset.y, aux_shape, aux_rows, asked=asked)
 
 
@@ -260,7 +268,7 @@ def _build(
     arr = root.create_array("labels", shape=(n,), dtype="int64", chunks=(n,))
     y = np.ascontiguousarray(labels, dtype="<i8")
     arr[...] = y
-    arr.attrs["crc32"] = crc32(memoryview(y).cast("B"))
+    arr.attrs["crc32"] = crc32(byte_view(y))
     if aux_shape is not None:
         aux = root.create_group("aux")
         H, W = aux_shape

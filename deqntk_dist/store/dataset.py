@@ -29,6 +29,7 @@ import zarr
 
 from ..errors import DatasetError, StoreError, StoreNotFoundError
 from ..safeload import NPZ_ERRORS, read_npy_files, read_npz_arrays
+from .chunkio import byte_view, zarr_array
 from .location import Location
 
 __all__ = [
@@ -121,8 +122,8 @@ def dataset_fingerprint(x: np.ndarray, y: np.ndarray, n_train: int) -> str:
     x = np.ascontiguousarray(x, dtype="<f4")
     step = max(1, (64 * 2**20) // max(1, x[:1].nbytes))
     for i in range(0, x.shape[0], step):
-        h.update(memoryview(np.ascontiguousarray(x[i : i + step])).cast("B"))
-    h.update(memoryview(np.ascontiguousarray(y, dtype="<i8")).cast("B"))
+        h.update(byte_view(np.ascontiguousarray(x[i : i + step])))
+    h.update(byte_view(np.ascontiguousarray(y, dtype="<i8")))
     return h.hexdigest()
 
 
@@ -276,7 +277,7 @@ def open_dataset_store(path) -> DatasetStore:
         root = zarr.open_group(store=p.zarr_store(read_only=True), mode="r")
     except Exception as exc:
         raise StoreError(f"not a zarr group (dataset store expected): {p}: {exc}") from exc
-    attrs = dict(root.attrs)
+    attrs: dict[str, Any] = dict(root.attrs)  # JSON
     if attrs.get("format") != DATASET_FORMAT:
         raise StoreError(
             f"not a deqntk dataset store (attrs['format'] must be {DATASET_FORMAT!r}, "
@@ -288,8 +289,8 @@ def open_dataset_store(path) -> DatasetStore:
             f"software supports ({DATASET_FORMAT_VERSION}): {p}"
         )
     try:
-        x = root["x"]
-        y = np.asarray(root["y"][...], dtype=np.int64)
+        x = zarr_array(root, "x")
+        y = np.asarray(zarr_array(root, "y")[...], dtype=np.int64)
     except Exception as exc:
         raise StoreError(f"dataset store {p} is missing or has unreadable x / y: {exc}") from exc
     return DatasetStore(

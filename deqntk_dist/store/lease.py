@@ -32,9 +32,9 @@ __all__ = ["LeaseOwner", "NoLeases", "TileLeases", "lease_ttl", "leases_for"]
 
 def lease_ttl() -> float:
     """Seconds without renewal after which a lease is stale (``deqntk.lease-ttl``)."""
-    import dask
+    from ..config import setting
 
-    return float(dask.config.get("deqntk.lease-ttl", 120))
+    return float(setting("lease-ttl"))
 
 
 @dataclass(frozen=True)

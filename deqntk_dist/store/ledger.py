@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import StoreError
-from .chunkio import crc32
+from .chunkio import crc32, zarr_array
 
 if TYPE_CHECKING:
     from .core import KernelStore
@@ -103,7 +103,7 @@ class ArrayLedger:
         s = self.s
         name = f"ledger/{field}"
         if not s._raw_chunks(name):
-            s._root[name][bi, bj] = value
+            zarr_array(s._root, name)[bi, bj] = value
             return
         item = np.array([value], dtype=np.dtype(LEDGER_FIELDS[field][0]).newbyteorder("<"))
         s.loc.put(f"{name}/c/{bi}/{bj}", item)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError, StoreError
+from .chunkio import byte_view
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -114,7 +115,7 @@ def _as_bytes_view(data: BytesLike, what: str = "data") -> memoryview:
     if isinstance(data, np.ndarray):
         if not data.flags.c_contiguous:
             raise InputError(f"{what} must be C-contiguous to be written as raw bytes")
-        return memoryview(data.reshape(-1).view(np.uint8))
+        return byte_view(data.reshape(-1).view(np.uint8))
     try:
         mv = memoryview(data)
     except TypeError:
@@ -337,7 +338,7 @@ class Location:
             entries = fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        names = set()
+        found: set[str] = set()
         for e in entries:
             name = e["name"].rstrip("/") if e.get("type") == "directory" else e["name"]
             if not name.startswith(path + "/"):  # ls of a file lists the file itself
@@ -346,8 +347,8 @@ class Location:
             if not base or "/" in base or base.startswith("."):  # "dir/" markers
                 continue
             if dirs or e.get("type") != "directory":
-                names.add(base)
-        return sorted(names)
+                found.add(base)
+        return sorted(found)
 
     def size(self, key: str) -> int | None:
         """Size in bytes of the file/object ``key``; None if missing or a directory."""

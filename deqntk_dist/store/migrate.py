@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, StoreError
-from .chunkio import crc32
+from .chunkio import byte_view, crc32
 from .core import KERNEL_FORMAT_VERSION, KernelStore, _software, open_kernel_store
 from .create import make_kernel_store
 from .identity import normal_spec
@@ -162,7 +162,7 @@ def _checked_tile(src: KernelStore, led: dict, i: int, j: int) -> dict | None:
     try:
         for name in src.kernels:
             v = np.ascontiguousarray(src.array(name)[r0:r1, c0:c1])
-            crc = crc32(memoryview(v).cast("B"), crc)
+            crc = crc32(byte_view(v), crc)
             values[name] = v
     except Exception:
         return None
@@ -185,7 +185,7 @@ def _copy_aux(src: KernelStore, dst: KernelStore) -> None:
         if not done[k] or k in foreign or (a, b) not in todo:
             continue
         rows = np.ascontiguousarray(src.self_covariance_rows(a, b), dtype="<f8")
-        if sums is not None and int(sums[k]) and crc32(memoryview(rows).cast("B")) != sums[k]:
+        if sums is not None and int(sums[k]) and crc32(byte_view(rows)) != sums[k]:
             continue
         dst.write_self_covariance(a, b, rows)
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import StoreError, StoreMismatchError
-from .chunkio import crc32
+from .chunkio import byte_view, crc32
 from .core import KernelStore
 from .dataset import DatasetStore
 
@@ -71,8 +71,8 @@ def prepare_resume(
                 f"kernel store {ks.path}: {what} were computed under another identity than "
                 "its attrs claim (the spec, dataset, tile, dtype, kernels or options in its "
                 f"zarr.json changed after they were written{', e.g. ' + shown if shown else ''}"
-                "); restore the attrs, delete the store, or pass --recompute-mismatched "
-                "(recompute_mismatched=True) to compute them again"
+                "); restore the attrs, delete the store, or pass "
+                "recompute_mismatched=True to compute them again"
             )
         say(f"deqntk: {ks.path}: {what} were computed under another identity: recomputing")
         ks.invalidate(tiles=foreign, aux_chunks=aux_foreign)
@@ -82,7 +82,7 @@ def prepare_resume(
 def _check_labels(ks: KernelStore, dataset: DatasetStore, say) -> None:
     labels = ks._node("labels")
     want = np.ascontiguousarray(dataset.y, dtype="<i8")
-    crc = crc32(memoryview(want).cast("B"))
+    crc = crc32(byte_view(want))
     try:
         have = ks.labels()
     except StoreError:

@@ -6,6 +6,10 @@ on local disks, whole-object PUTs elsewhere).  :class:`TileIO` is a mixin of
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from ..errors import StoreMismatchError
@@ -17,16 +21,41 @@ from .chunkio import (
     _io_pool,
     _transpose_into,
     aligned_empty,
+    byte_view,
     cast_and_mirror,
     crc32,
+    zarr_array,
 )
-from .shards import fill_shards
+from .shards import ShardGeometry, fill_shards
+
+if TYPE_CHECKING:
+    import zarr
+
+    from ..plan import TilePlan
+    from .location import Location
 
 __all__ = ["TileIO"]
 
 
 class TileIO:
     """Tile writes of :class:`~.core.KernelStore` (see the module docstring)."""
+
+    # set by KernelStore.__init__ (annotations only: no class attributes)
+    loc: Location
+    path: str
+    plan: TilePlan
+    kernels: tuple[str, ...]
+    dtype: np.dtype
+    n: int
+    tile: int
+    geometry: ShardGeometry | None
+    _root: zarr.Group
+
+    if TYPE_CHECKING:  # defined by KernelStore
+
+        def array(self, name: str) -> zarr.Array: ...
+
+        def chunk_key(self, name: str, *index: int) -> str: ...
 
     def shard_layout_problem(self, name: str) -> str | None:
         """Layout 2: why array ``name``'s zarr metadata is not the sharded layout the attrs
@@ -35,10 +64,11 @@ class TileIO:
         geom = self.geometry
         assert geom is not None
         key = ("_layout", name)
-        if key not in self.__dict__:
+        cache: dict[Any, Any] = self.__dict__
+        if key not in cache:
             arr = self.array(name)
-            codecs = getattr(arr.metadata, "codecs", ())
-            sh = codecs[0] if len(codecs) == 1 else None
+            codecs: tuple[Any, ...] = getattr(arr.metadata, "codecs", ())
+            sh: Any = codecs[0] if len(codecs) == 1 else None  # checked by type name below
             want_shape = (geom.chunk, geom.chunk)
             problem = None
             if tuple(arr.shape) != (self.n, self.n) or arr.shards != (self.tile, self.tile):
@@ -63,8 +93,8 @@ class TileIO:
                     f"{want_shape}, bytes codec, crc32c index at the end, dtype "
                     f"{self.dtype.name}): {name}/zarr.json was changed"
                 )
-            self.__dict__[key] = problem
-        return self.__dict__[key]
+            cache[key] = problem
+        return cache[key]
 
     def _write_shards(self, i: int, j: int, values: dict) -> dict[str, tuple[int, int]]:
         """Layout 2: each kernel's shard (i, j) and mirror shard (j, i), whole objects
@@ -76,11 +106,11 @@ class TileIO:
             if problem:
                 raise StoreMismatchError(f"{self.path}: {problem}")
         sums = {}
-        pending = []
+        pending: list[Future[None]] = []
         for name in self.kernels:
             block = values[name]
             rows, cols = block.shape
-            bufs = self.__dict__.setdefault("_shard_bufs", AlignedBuffers(keep=4))
+            bufs = self._buffers("shard", keep=4)
             shapes = {"up": (geom.nbytes(rows, cols),)}
             if i != j:
                 shapes["lo"] = (geom.nbytes(cols, rows),)
@@ -100,7 +130,7 @@ class TileIO:
             w.result()
         return sums
 
-    def _submit_object(self, key: str, data: np.ndarray):
+    def _submit_object(self, key: str, data: np.ndarray) -> Future[None]:
         """Write object ``key`` whole on an I/O thread (direct I/O on local disks)."""
         if "_direct" not in self.__dict__:
             self.__dict__["_direct"] = _direct_io_enabled() and self.loc.is_local
@@ -126,7 +156,7 @@ class TileIO:
                 if not ready:
                     np.copyto(cast, block, casting="same_kind")
                 writes = [self._submit_chunk(name, i, j, cast, 0)]
-                crc = crc32(memoryview(cast).cast("B"), crc)
+                crc = crc32(byte_view(cast), crc)
             else:
                 if ready:
                     cast, mirror = block, self._scratch(block.shape)[1]
@@ -136,8 +166,8 @@ class TileIO:
                     cast, mirror = cast_and_mirror(block, self.dtype, self._scratch(block.shape))
                     writes = [self._submit_chunk(name, i, j, cast, 0)]
                 writes.append(self._submit_chunk(name, j, i, mirror, 1))
-                crc = crc32(memoryview(cast).cast("B"), crc)
-                crc_m = crc32(memoryview(mirror).cast("B"), crc_m)
+                crc = crc32(byte_view(cast), crc)
+                crc_m = crc32(byte_view(mirror), crc_m)
             for w in writes:
                 if w is not None:
                     w.result()
@@ -145,9 +175,23 @@ class TileIO:
             crc_m = crc
         return {"*": (crc, crc_m)}
 
+    def _buffers(self, kind: str, *, keep: int) -> Any:
+        """This thread's reused buffers of ``kind`` (``keep`` = 0: a plain dict).
+
+        Per thread: a worker with several threads writes several tiles of one store at
+        once, and a buffer shared between them would mix their values."""
+        local = self.__dict__.get("_local")
+        if local is None:
+            local = self.__dict__.setdefault("_local", threading.local())
+        bufs = getattr(local, kind, None)
+        if bufs is None:
+            bufs = AlignedBuffers(keep=keep) if keep else {}
+            setattr(local, kind, bufs)
+        return bufs
+
     def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Reused (up, lo) cast buffers for tiles of ``shape``."""
-        bufs = self.__dict__.setdefault("_scratch_bufs", AlignedBuffers())
+        bufs = self._buffers("scratch", keep=2)
         b = bufs.get(shape, {"up": shape, "lo": shape[::-1]}, self.dtype)
         return b["up"], b["lo"]
 
@@ -155,22 +199,26 @@ class TileIO:
         """Whether chunk ``name`` files are the raw little-endian C-order values (bytes codec
         only, "/" chunk keys, no sharding), so whole chunks can be written without zarr."""
         key = ("_raw", name)
-        if key not in self.__dict__:
+        cache: dict[Any, Any] = self.__dict__
+        if key not in cache:
             meta = self._root[name].metadata
-            codecs = getattr(meta, "codecs", ())
-            enc = getattr(meta, "chunk_key_encoding", None)
-            self.__dict__[key] = (
+            codecs: tuple[Any, ...] = getattr(meta, "codecs", ())
+            enc: Any = getattr(meta, "chunk_key_encoding", None)  # checked by type name below
+            cache[key] = (
                 len(codecs) == 1
                 and type(codecs[0]).__name__ == "BytesCodec"
                 and (
                     str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
-                    or (codecs[0].endian is None and self._root[name].dtype.itemsize == 1)
+                    or (
+                        codecs[0].endian is None
+                        and zarr_array(self._root, name).dtype.itemsize == 1
+                    )
                 )
                 and type(enc).__name__ == "DefaultChunkKeyEncoding"
                 and enc.separator == "/"
                 and np.little_endian
             )
-        return self.__dict__[key]
+        return cache[key]
 
     def _put_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, *, slot: int = 0) -> None:
         """Write chunk (bi, bj) of ``name`` whole; ``data`` is C-contiguous, store dtype.
@@ -182,11 +230,11 @@ class TileIO:
         r0, r1 = self.plan.bounds(bi)
         c0, c1 = self.plan.bounds(bj)
         if not self._raw_chunks(name):
-            self._root[name][r0:r1, c0:c1] = data
+            zarr_array(self._root, name)[r0:r1, c0:c1] = data
             return
         t = self.tile
         if data.shape != (t, t):
-            pads = self.__dict__.setdefault("_pad_bufs", {})
+            pads = self._buffers("pad", keep=0)
             full = pads.get(slot)
             if full is None:  # one per concurrent writer (``slot``)
                 full = pads[slot] = aligned_empty((t, t), self.dtype)
@@ -198,7 +246,9 @@ class TileIO:
         direct = self.__dict__["_direct"] and data.nbytes >= DIRECT_MIN_BYTES
         self.loc.put(self.chunk_key(name, bi, bj), np.ascontiguousarray(data), direct=direct)
 
-    def _submit_chunk(self, name: str, bi: int, bj: int, data: np.ndarray, slot: int):
+    def _submit_chunk(
+        self, name: str, bi: int, bj: int, data: np.ndarray, slot: int
+    ) -> Future[None] | None:
         """:meth:`_put_chunk` on an I/O thread for raw chunk files (returns its future),
         else at once (returns None)."""
         if not self._raw_chunks(name):

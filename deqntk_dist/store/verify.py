@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import StoreError
-from .chunkio import crc32
+from .chunkio import byte_view, crc32
 from .core import KernelStore, open_kernel_store
+from .ledger import RecordLedger
 from .shards import decode_shard
 
 __all__ = ["verify_kernel_store"]
@@ -112,7 +113,9 @@ def verify_kernel_store(path, *, notes: list[str] | None = None) -> list[str]:
 def _verify_records(store: KernelStore, arrays: dict) -> list[str]:
     """Layout 2: every tile's record and its shards."""
     problems: list[str] = []
-    records = store._ledger_impl.records()
+    ledger = store._ledger_impl
+    assert isinstance(ledger, RecordLedger)  # layout 2 (the caller checks)
+    records = ledger.records()
     not_done, orphans = [], []
     for i, j in store.plan.tiles():
         if (i, j) not in records:
@@ -147,7 +150,7 @@ def _verify_shards(store: KernelStore, arrays: dict, i: int, j: int, rec: dict) 
     assert geom is not None
     r0, r1 = store.plan.bounds(i)
     c0, c1 = store.plan.bounds(j)
-    problems = []
+    problems: list[str] = []
     halves = [((i, j), (r1 - r0, c1 - c0))]
     if i != j:
         halves.append(((j, i), (c1 - c0, r1 - r0)))
@@ -195,7 +198,7 @@ def _verify_labels(store: KernelStore, notes: list[str]) -> list[str]:
     if recorded is None:
         notes.append("labels written without a checksum (older software)")
         return []
-    got = crc32(memoryview(np.ascontiguousarray(y, dtype="<i8")).cast("B"))
+    got = crc32(byte_view(np.ascontiguousarray(y, dtype="<i8")))
     if got != int(recorded):
         return [f"labels changed on disk (crc32 {got}, recorded {int(recorded)})"]
     return []
@@ -241,7 +244,7 @@ def _verify_aux(store: KernelStore, notes: list[str]) -> list[str]:
             continue
         if not (np.isfinite(rows).all() and (rows >= 0).all()):
             problems.append(f"self-covariance rows [{a}, {b}): values not finite and >= 0")
-        if sums is not None and int(sums[k]) and crc32(memoryview(rows).cast("B")) != sums[k]:
+        if sums is not None and int(sums[k]) and crc32(byte_view(rows)) != sums[k]:
             problems.append(f"self-covariance rows [{a}, {b}): checksum mismatch (changed)")
     return problems
 
@@ -249,7 +252,7 @@ def _verify_aux(store: KernelStore, notes: list[str]) -> list[str]:
 def _verify_tile(store: KernelStore, arrays: dict, i: int, j: int, led: dict) -> list[str]:
     r0, r1 = store.plan.bounds(i)
     c0, c1 = store.plan.bounds(j)
-    problems = []
+    problems: list[str] = []
     crc = crc_m = 0
     consistent = True  # every chunk equals the transpose of its mirror
     for name in store.kernels:
@@ -266,9 +269,9 @@ def _verify_tile(store: KernelStore, arrays: dict, i: int, j: int, led: dict) ->
         except Exception as exc:
             problems.append(f"tile ({i}, {j}) {name}: chunk unreadable: {exc}")
             return problems
-        crc = crc32(memoryview(up).cast("B"), crc)
+        crc = crc32(byte_view(up), crc)
         if i != j:
-            crc_m = crc32(memoryview(lo).cast("B"), crc_m)
+            crc_m = crc32(byte_view(lo), crc_m)
         if not np.isfinite(up).all() or not np.isfinite(lo).all():
             problems.append(f"tile ({i}, {j}) {name}: non-finite values")
         if not np.array_equal(up, lo.T):
