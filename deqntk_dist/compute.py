@@ -36,10 +36,7 @@ from .runtime import (
     dashboard_link,
     dask_client,
 )
-from .scheduling import LEASE_POLL_SECONDS, TileSource
-from .scheduling import jobs_of as _jobs_of
-from .scheduling import raise_failures as _raise_failures
-from .scheduling import run_jobs as _run_jobs
+from .scheduling import LEASE_POLL_SECONDS, TileSource, jobs_of, raise_failures, run_jobs
 from .spec import CDEQSpec, DEQSpec
 from .store import (
     KERNEL_NAMES,
@@ -205,23 +202,16 @@ def compute_kernel_store(
     FixedPointError
         A tile did not converge (the tiles that finished stay in the store).
     """
-    if options is not None and not isinstance(options, ComputeOptions):
-        raise InputError(f"options must be a ComputeOptions, got {type(options).__name__}")
-    opts = (options or ComputeOptions()).replace(**fields)
+    opts = ComputeOptions.resolve(options, fields)
     if not isinstance(spec, DEQSpec | CDEQSpec):
         raise InputError(f"spec must be a DEQSpec or CDEQSpec, got {type(spec).__name__}")
-    kernels, tile, dtype = opts.kernels, opts.tile, opts.dtype
-    memory_budget, max_in_flight, retries = opts.memory_budget, opts.max_in_flight, opts.retries
-    task_threads, max_tiles = opts.task_threads, opts.max_tiles
-    recompute_mismatched, progress = opts.recompute_mismatched, opts.progress
-    layout, chunk = opts.layout, opts.chunk
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     ds = dataset if isinstance(dataset, DatasetStore) else open_dataset_store(dataset)
     check_dataset_shape(ds, spec)
     path = Location.parse(store, param="store")
     existing = open_kernel_store(path) if path.exists() else None
 
-    dtype = dtype or (existing.dtype.name if existing else "float32")
+    dtype = opts.dtype or (existing.dtype.name if existing else "float32")
     kernel_options = _store_options(spec, opts.tol, existing, dtype)
 
     def make_store(tile: int) -> KernelStore:
@@ -231,17 +221,17 @@ def compute_kernel_store(
             spec,
             tile=tile,
             dtype=dtype,
-            kernels=kernels or (existing.kernels if existing else KERNEL_NAMES),
+            kernels=opts.kernels or (existing.kernels if existing else KERNEL_NAMES),
             options=kernel_options,
             compute_options=opts.to_dict(),
-            layout=layout,
-            chunk=chunk,
+            layout=opts.layout,
+            chunk=opts.chunk,
         )
-        prepare_resume(ks, ds, recompute_mismatched=recompute_mismatched, say=say)
+        prepare_resume(ks, ds, recompute_mismatched=opts.recompute_mismatched, say=say)
         return ks
 
     # settings and writability are checked before any cluster is started
-    tile = tile or (existing.tile if existing is not None else None)
+    tile = opts.tile or (existing.tile if existing is not None else None)
     ks = make_store(tile) if tile is not None else None
     if ks is None and path.is_local:
         _check_parent(path.local_path)
@@ -253,7 +243,7 @@ def compute_kernel_store(
         summary = cluster_summary(cl)
         if ks is None:
             limit = summary["memory_limit"]
-            budget = memory_budget or min(MAX_TILE_BUDGET, limit // 2 if limit else 2**30)
+            budget = opts.memory_budget or min(MAX_TILE_BUDGET, limit // 2 if limit else 2**30)
             cap = tile_cap(
                 ds.n,
                 workers=max(1, summary["threads"]),
@@ -268,7 +258,7 @@ def compute_kernel_store(
             + (link or "not available (install bokeh)")
         )
         token = uuid.uuid4().hex[:8]
-        limit = max_in_flight or max(2, 2 * summary["threads"])
+        limit = opts.max_in_flight or max(2, 2 * summary["threads"])
         if isinstance(spec, CDEQSpec):
             aux = [
                 AuxJob(
@@ -276,38 +266,26 @@ def compute_kernel_store(
                     dataset=ds.path,
                     start=a,
                     stop=b,
-                    threads=task_threads,
+                    threads=opts.task_threads,
                     identity=ks.identity_digest,
                 )
                 for a, b in ks.self_covariance_missing()
             ]
             if aux:
                 say(f"deqntk: self-covariances of {ds.n} examples ({len(aux)} tasks)")
-                fails = _run_jobs(
+                fails = run_jobs(
                     cl,
                     run_self_covariance,
-                    _jobs_of(aux),
+                    jobs_of(aux),
                     limit=limit,
-                    retries=retries,
+                    retries=opts.retries,
                     token=token,
                     on_result=lambda job, r: None,
                     health=cluster_health(cl),
                 )
                 if fails:
-                    _raise_failures(fails)
-        return _compute_tiles(
-            cl,
-            ks,
-            ds,
-            summary,
-            limit=limit,
-            retries=retries,
-            token=token,
-            task_threads=task_threads,
-            max_tiles=max_tiles,
-            progress=progress,
-            say=say,
-        )
+                    raise_failures(fails)
+        return _compute_tiles(cl, ks, ds, summary, opts, limit=limit, token=token, say=say)
 
 
 def _check_parent(path: Path) -> None:
@@ -325,14 +303,13 @@ def _check_parent(path: Path) -> None:
         ) from exc
 
 
-def _compute_tiles(
-    cl, ks, ds, summary, *, limit, retries, token, task_threads, max_tiles, progress, say
-):
+def _compute_tiles(cl, ks, ds, summary, opts: ComputeOptions, *, limit, token, say):
     plan = ks.plan
     missing = plan.usable_first(ks.missing_tiles(), n_train=ks.n_train, last_round=limit)
     done_before = plan.n_tiles - len(missing)
     entries_total = plan.n * plan.n
     entries_before = entries_total - sum(plan.entries(t) for t in missing)
+    max_tiles = opts.max_tiles
     todo = len(missing) if max_tiles is None else min(max_tiles, len(missing))
     say(
         f"deqntk: {ks.path}: n={plan.n}, tile={plan.tile}, {plan.n_tiles} tiles; "
@@ -348,15 +325,19 @@ def _compute_tiles(
             j=j,
             rows=plan.bounds(i),
             cols=plan.bounds(j),
-            threads=task_threads,
+            threads=opts.task_threads,
             options=dict(ks.options),
             identity=ks.identity_digest,
         )
 
     bar = Progress(
-        plan.n_tiles, done_before, entries_total, entries_before, enabled=progress and bool(todo)
+        plan.n_tiles,
+        done_before,
+        entries_total,
+        entries_before,
+        enabled=opts.progress and bool(todo),
     )
-    acc = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}, "tiles": 0}
+    acc: dict[str, Any] = {"entries": 0, "bytes": 0, "res": 0.0, "peak": {}, "tiles": 0}
     acc.update(compute=0.0, read=0.0, write=0.0, compute_cpu=0.0, write_cpu=0.0)
 
     t0 = time.perf_counter()
@@ -383,12 +364,12 @@ def _compute_tiles(
             acc["peak"][r["pid"]] = max(acc["peak"].get(r["pid"], 0), r["peak_rss"])
             bar.update(r["entries"])
 
-        failures = _run_jobs(
+        failures = run_jobs(
             cl,
             run_tile,
             next_job,
             limit=limit,
-            retries=retries,
+            retries=opts.retries,
             token=token,
             on_result=on_result,
             on_failure=lambda job: leases.release(job.i, job.j),
@@ -398,7 +379,7 @@ def _compute_tiles(
     seconds = time.perf_counter() - t0
     bar.close()
     if failures:
-        _raise_failures(failures)
+        raise_failures(failures)
     if max_tiles is None:
         still = ks.missing_tiles()
         if still:  # cannot happen unless the store was changed under us

@@ -249,29 +249,32 @@ def _train_spectrum(
 
     n = store.n_train
     step = _band_rows(n, band, band_bytes)
-    if n <= exact_limit:
-        K = np.empty((n, n), dtype=np.float64)
+
+    def bands():
+        """``(r0, r1, K[r0:r1, :n])`` of the train block, one row band at a time."""
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            K[r0:r1] = store.block(kernel, slice(r0, r1), slice(0, n), check=False)
-        return eigvalsh(K)[::-1].copy(), "exact"
+            yield r0, r1, store.block(kernel, slice(r0, r1), slice(0, n), check=False)
+
+    def whole() -> np.ndarray:
+        K = np.empty((n, n), dtype=np.float64)
+        for r0, r1, blk in bands():
+            K[r0:r1] = blk
+        return K
+
+    if n <= exact_limit:
+        return eigvalsh(whole())[::-1].copy(), "exact"
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    held: np.ndarray | None = None
-    if n * n * 8 <= hold_bytes:  # the block fits: read it once, multiply in memory
-        held = np.empty((n, n), dtype=np.float64)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            held[r0:r1] = store.block(kernel, slice(r0, r1), slice(0, n), check=False)
+    # the block fits: read it once and multiply in memory
+    held = whole() if n * n * 8 <= hold_bytes else None
 
     def matmat(v: np.ndarray) -> np.ndarray:
         v = np.asarray(v, dtype=np.float64)
         if held is not None:
             return held @ v
         out = np.empty((n, *v.shape[1:]), dtype=np.float64)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            blk = store.block(kernel, slice(r0, r1), slice(0, n), check=False)
+        for r0, r1, blk in bands():
             out[r0:r1] = blk.astype(np.float64, copy=False) @ v
         return out
 

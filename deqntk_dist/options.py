@@ -96,6 +96,18 @@ class _Options:
             raise InputError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         return cls(**data)
 
+    @classmethod
+    def resolve(
+        cls, options: Any, fields: dict[str, Any] | None = None, *, param: str = "options"
+    ) -> Self:
+        """``options`` (None: the defaults) with ``fields`` replaced; ``param`` names the
+        argument in the error when ``options`` is not a ``cls``."""
+        if options is None:
+            options = cls()
+        elif not isinstance(options, cls):
+            raise InputError(f"{param} must be a {cls.__name__}, got {type(options).__name__}")
+        return options.replace(**fields) if fields else options
+
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` (validated like the constructor)."""
         names = {f.name for f in fields(self)}

@@ -351,15 +351,6 @@ def _json_default(obj):
     return str(obj)
 
 
-def _checked(value, cls, name: str):
-    """``value`` if it is a ``cls`` (None: the defaults)."""
-    if value is None:
-        return cls()
-    if not isinstance(value, cls):
-        raise InputError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
-    return value
-
-
 def run_pipeline(
     workdir,
     request: PrepareRequest,
@@ -419,8 +410,8 @@ def run_pipeline(
     if request.layout != want_layout:
         what = f"the {spec.kind} kernel" + (" with hflip" if spec.hflip else "")
         raise InputError(f"layout must be {want_layout!r} for {what}, got {request.layout!r}")
-    compute = _checked(compute, ComputeOptions, "compute")
-    solve = _checked(solve, SolveOptions, "solve")
+    compute = ComputeOptions.resolve(compute, param="compute")
+    solve = SolveOptions.resolve(solve, param="solve")
     kernels, solve_kernel = compute.kernels, solve.kernel
     if kernels is not None and solve_kernel not in kernels:
         raise InputError(

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -216,25 +217,30 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _connect_timeout(config: RuntimeConfig) -> float:
-    """Seconds to wait for a running scheduler: ``config``, dask config, default."""
+def _duration(key: str, raw: Any, example: str) -> float:
+    """Seconds of the dask config value ``deqntk.<key>`` (``raw``: a number or a duration
+    such as ``'30s'``); InputError naming the key unless it is positive."""
     from dask.utils import parse_timedelta
 
-    if config.connect_timeout is not None:
-        return float(config.connect_timeout)
-    raw = setting("connect-timeout")
-    if raw is None or raw == "":
-        raw = DEFAULTS["deqntk"]["connect-timeout"]
     try:
         value = float(parse_timedelta(raw, default="seconds"))
     except (TypeError, ValueError, KeyError):
         value = float("nan")
     if not value > 0:
         raise InputError(
-            "dask config deqntk.connect-timeout must be a positive duration (e.g. '30s'), "
-            f"got {raw!r}"
+            f"dask config deqntk.{key} must be a positive duration (e.g. {example!r}), got {raw!r}"
         )
     return value
+
+
+def _connect_timeout(config: RuntimeConfig) -> float:
+    """Seconds to wait for a running scheduler: ``config``, dask config, default."""
+    if config.connect_timeout is not None:
+        return float(config.connect_timeout)
+    raw = setting("connect-timeout")
+    if raw is None or raw == "":
+        raw = DEFAULTS["deqntk"]["connect-timeout"]
+    return _duration("connect-timeout", raw, "30s")
 
 
 def _scheduler_file_address(path: str, timeout: float) -> str:
@@ -341,24 +347,12 @@ def _probe(address: str, timeout: float) -> None:
 
 def _worker_timeout() -> float:
     """Seconds to wait for the first worker (dask config ``deqntk.worker-timeout``)."""
-
     return float(setting("worker-timeout"))
 
 
 def _watch_settings() -> tuple[float, int]:
     """``deqntk.job-check-interval`` (seconds) and ``deqntk.max-failed-starts``, validated."""
-    from dask.utils import parse_timedelta
-
-    raw = setting("job-check-interval")
-    try:
-        interval = float(parse_timedelta(raw, default="seconds"))
-    except (TypeError, ValueError, KeyError):
-        interval = float("nan")
-    if not interval > 0:
-        raise InputError(
-            "dask config deqntk.job-check-interval must be a positive duration "
-            f"(e.g. '10s'), got {raw!r}"
-        )
+    interval = _duration("job-check-interval", setting("job-check-interval"), "10s")
     raw = setting("max-failed-starts")
     digits = isinstance(raw, int | str) and not isinstance(raw, bool) and str(raw).isdigit()
     if not (digits and int(raw) >= 1):

@@ -121,14 +121,14 @@ class WorkerCache:
         self._store: tuple[tuple, KernelStore] | None = None
         self._dataset: tuple[tuple, DatasetStore] | None = None
         self._rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._buffers = threading.local()
+        self._buffers = AlignedBuffers()
 
     def clear(self) -> None:
-        """Forget every open store, row block and buffer of this thread."""
+        """Forget every open store, row block and output buffer."""
         with self._lock:
             self._store = self._dataset = None
             self._rows.clear()
-            self._buffers.__dict__.clear()
+            self._buffers = AlignedBuffers()
 
     def kernel_store(self, path: str) -> KernelStore:
         """The kernel store at ``path``, opened writable (reused while unchanged)."""
@@ -197,11 +197,8 @@ class WorkerCache:
         The tile kernel writes the store's values straight into them, and the store writes
         them with direct I/O: no per-tile float64 outputs, cast copies or fresh memory.
         """
-        buffers = getattr(self._buffers, "buffers", None)
-        if buffers is None:
-            buffers = self._buffers.buffers = AlignedBuffers()
         key = (shape, ks.dtype.str, ks.kernels)
-        return buffers.get(key, {name: shape for name in ks.kernels}, ks.dtype)
+        return self._buffers.get(key, {name: shape for name in ks.kernels}, ks.dtype)
 
 
 _CACHE = WorkerCache()

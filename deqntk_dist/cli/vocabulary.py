@@ -320,15 +320,12 @@ def add_solve_arguments(p, *, kernel_flag: bool, full: bool) -> None:
         default=None,
         help=_help(SolveOptions, "memory_limit"),
     )
-    for name, typ in (("val_fraction", float), ("seed", int), ("tol", float)):
+    knobs = (("val_fraction", float), ("seed", int), ("tol", float), ("max_iter", int),
+             ("rank", int))  # fmt: skip
+    for name, typ in knobs:
         d = SolveOptions.default(name)
         p.add_argument(
             "--" + name.replace("_", "-"), type=typ, default=d, help=_help(SolveOptions, name, d)
-        )
-    for name in ("max_iter", "rank"):
-        d = SolveOptions.default(name)
-        p.add_argument(
-            "--" + name.replace("_", "-"), type=int, default=d, help=_help(SolveOptions, name, d)
         )
     p.add_argument(
         "--allow-incomplete", action="store_true", help=_help(SolveOptions, "allow_incomplete")
@@ -359,9 +356,8 @@ def solve_options_from_args(args: argparse.Namespace, *, kernel: str, full: bool
     for name in ("memory_limit", "val_fraction", "seed", "tol", "max_iter", "rank"):
         kw[name] = getattr(args, name)
     kw["allow_incomplete"] = args.allow_incomplete
-    if hasattr(args, "band_memory"):
-        kw["band_bytes"] = args.band_memory
-        kw["keep_bands"] = False if args.stream_bands else None
+    kw["band_bytes"] = args.band_memory
+    kw["keep_bands"] = False if args.stream_bands else None
     return SolveOptions(**kw)
 
 

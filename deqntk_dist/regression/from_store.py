@@ -191,8 +191,6 @@ def solve_store(
 def _options(options: SolveOptions | None, fields: dict[str, Any]) -> SolveOptions:
     """``options`` with ``fields`` replaced (``method``: the deprecated name of
     ``solver``)."""
-    if options is not None and not isinstance(options, SolveOptions):
-        raise InputError(f"options must be a SolveOptions, got {type(options).__name__}")
     if "method" in fields:
         warnings.warn(
             "solve_store(method=...) is deprecated; use solver=...",
@@ -200,7 +198,7 @@ def _options(options: SolveOptions | None, fields: dict[str, Any]) -> SolveOptio
             stacklevel=3,
         )
         fields["solver"] = fields.pop("method")
-    return (options or SolveOptions()).replace(**fields)
+    return SolveOptions.resolve(options, fields)
 
 
 def _in_process(

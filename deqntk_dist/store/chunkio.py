@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,21 +91,28 @@ def aligned_empty(shape: tuple[int, ...], dtype, align: int = DIRECT_ALIGN) -> n
 
 class AlignedBuffers:
     """Reused page-aligned arrays for tiles, by key; the ``keep`` most recently used are
-    kept (full tiles and the edge tiles of a row), so steady state allocates nothing."""
+    kept (full tiles and the edge tiles of a row), so steady state allocates nothing.
+
+    Each thread gets its own arrays: a worker with several threads writes several tiles
+    at once, and an array handed to two of them would mix their values."""
 
     def __init__(self, keep: int = 2):
         self.keep = keep
-        self._bufs: OrderedDict = OrderedDict()
+        self._local = threading.local()
 
     def get(self, key, shapes: dict, dtype):
-        """``{name: array of shape}`` for ``key`` (made with :func:`aligned_empty` once)."""
-        if key in self._bufs:
-            self._bufs.move_to_end(key)
-            return self._bufs[key]
-        while len(self._bufs) >= self.keep:
-            self._bufs.popitem(last=False)
-        self._bufs[key] = {k: aligned_empty(shape, dtype) for k, shape in shapes.items()}
-        return self._bufs[key]
+        """``{name: array of shape}`` for ``key`` (made with :func:`aligned_empty` once per
+        thread)."""
+        bufs: OrderedDict | None = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = OrderedDict()
+        if key in bufs:
+            bufs.move_to_end(key)
+            return bufs[key]
+        while len(bufs) >= self.keep:
+            bufs.popitem(last=False)
+        bufs[key] = {k: aligned_empty(shape, dtype) for k, shape in shapes.items()}
+        return bufs[key]
 
 
 def _direct_io_enabled() -> bool:

@@ -6,7 +6,6 @@ on local disks, whole-object PUTs elsewhere).  :class:`TileIO` is a mixin of
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,6 @@ from .chunkio import (
     _direct_io_enabled,
     _io_pool,
     _transpose_into,
-    aligned_empty,
     byte_view,
     cast_and_mirror,
     crc32,
@@ -110,7 +108,7 @@ class TileIO:
         for name in self.kernels:
             block = values[name]
             rows, cols = block.shape
-            bufs = self._buffers("shard", keep=4)
+            bufs = self.__dict__.setdefault("_shard_bufs", AlignedBuffers(keep=4))
             shapes = {"up": (geom.nbytes(rows, cols),)}
             if i != j:
                 shapes["lo"] = (geom.nbytes(cols, rows),)
@@ -175,23 +173,9 @@ class TileIO:
             crc_m = crc
         return {"*": (crc, crc_m)}
 
-    def _buffers(self, kind: str, *, keep: int) -> Any:
-        """This thread's reused buffers of ``kind`` (``keep`` = 0: a plain dict).
-
-        Per thread: a worker with several threads writes several tiles of one store at
-        once, and a buffer shared between them would mix their values."""
-        local = self.__dict__.get("_local")
-        if local is None:
-            local = self.__dict__.setdefault("_local", threading.local())
-        bufs = getattr(local, kind, None)
-        if bufs is None:
-            bufs = AlignedBuffers(keep=keep) if keep else {}
-            setattr(local, kind, bufs)
-        return bufs
-
     def _scratch(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Reused (up, lo) cast buffers for tiles of ``shape``."""
-        bufs = self._buffers("scratch", keep=2)
+        bufs = self.__dict__.setdefault("_scratch_bufs", AlignedBuffers())
         b = bufs.get(shape, {"up": shape, "lo": shape[::-1]}, self.dtype)
         return b["up"], b["lo"]
 
@@ -234,10 +218,8 @@ class TileIO:
             return
         t = self.tile
         if data.shape != (t, t):
-            pads = self._buffers("pad", keep=0)
-            full = pads.get(slot)
-            if full is None:  # one per concurrent writer (``slot``)
-                full = pads[slot] = aligned_empty((t, t), self.dtype)
+            pads = self.__dict__.setdefault("_pad_bufs", AlignedBuffers())
+            full = pads.get(slot, {"full": (t, t)}, self.dtype)["full"]  # one per writer
             full.fill(np.nan)
             full[: r1 - r0, : c1 - c0] = data
             data = full
