@@ -83,7 +83,7 @@ def dense_matmul(K: np.ndarray, X: np.ndarray, shift: float = 0.0) -> np.ndarray
 
     Parameters
     ----------
-    K : ndarray, shape (m, n), float32 or float64, C-contiguous
+    K : ndarray, shape (m, n), float32 or float64, rows contiguous (a view is not copied)
     X : ndarray, shape (n, c)
 
     Returns
@@ -92,7 +92,9 @@ def dense_matmul(K: np.ndarray, X: np.ndarray, shift: float = 0.0) -> np.ndarray
     """
     X2 = np.asarray(X, dtype=np.float64).reshape(K.shape[1], -1)
     out = np.empty((K.shape[0], X2.shape[1]))
-    _matmul_f64(np.ascontiguousarray(K), np.ascontiguousarray(X2.T), out)
+    if K.strides[1] != K.itemsize:  # rows must be contiguous; a row-sliced view is fine
+        K = np.ascontiguousarray(K)
+    _matmul_f64(K, np.ascontiguousarray(X2.T), out)
     if shift:
         out += shift * X2
     return out if X.ndim == 2 or K.shape[0] != K.shape[1] else out.reshape(np.shape(X))

@@ -7,6 +7,9 @@ Routes (every final fit meets the float64 relative residual ``tol``):
 
 ``cholesky-dense``  the train block read once into memory as float32; per ridge a float32
                     Cholesky factor preconditions float64 CG (:mod:`.dense`).
+``cholesky-inplace`` the train block read once into memory (``itemsize n^2`` bytes), its
+                    float32 factor written over its own upper triangle and the kernel
+                    kept in the lower one for the float64 CG products (:mod:`.inplace`).
 ``cholesky-mixed``  streamed: a blocked float32 factor read from the store in row bands,
                     float64 CG whose residuals re-read the store.
 ``nystrom-dense``   ``method="cg"`` when the train block fits in memory: CG preconditioned
@@ -14,8 +17,8 @@ Routes (every final fit meets the float64 relative residual ``tol``):
                     per iteration (no factorization; iterations grow as the ridge shrinks).
 ``cg-nystrom``      streamed CG preconditioned by a randomised Nyström approximation,
                     memory ``O(n * rank)`` besides one row band.
-``auto``            the first of ``cholesky-dense``, ``cholesky-mixed``, ``cg-nystrom`` that
-                    fits the memory limit.
+``auto``            the first of ``cholesky-dense``, ``cholesky-inplace``,
+                    ``cholesky-mixed``, ``cg-nystrom`` that fits the memory limit.
 
 Validation solves stop at :data:`VAL_TOL` (enough to rank the ridges).
 """
@@ -43,6 +46,7 @@ from .dense import (
     load_dense,
     nystrom_dense_bytes,
 )
+from .inplace import InplaceSolver, inplace_bytes, load_symmetric
 from .linalg import (
     IndexedBlocks,
     NystromPreconditioner,
@@ -121,7 +125,8 @@ def plan_method(
 
     Returns
     -------
-    route : {"cholesky-dense", "nystrom-dense", "cholesky-mixed", "cg-nystrom"}
+    route : {"cholesky-dense", "cholesky-inplace", "nystrom-dense", "cholesky-mixed",
+        "cg-nystrom"}
     why : str
         The reason, for the report.
 
@@ -148,9 +153,16 @@ def plan_method(
             f"the train block in memory with its factor ({dense / gb:.2f} GB) fits "
             f"memory_limit {memory_limit / gb:.2f} GB"
         )
+    inplace = inplace_bytes(n, itemsize)
+    if inplace <= memory_limit:
+        return "cholesky-inplace", (
+            f"the in-memory route ({dense / gb:.2f} GB) exceeds memory_limit "
+            f"{memory_limit / gb:.2f} GB; the train block factored over itself "
+            f"({inplace / gb:.2f} GB) fits"
+        )
     if packed32 <= memory_limit:
         return "cholesky-mixed", (
-            f"the in-memory route ({dense / gb:.2f} GB) exceeds memory_limit "
+            f"the train block ({inplace / gb:.2f} GB) exceeds memory_limit "
             f"{memory_limit / gb:.2f} GB; packed float32 factor {packed32 / gb:.2f} GB fits"
         )
     if method == "cholesky":
@@ -389,7 +401,7 @@ def kernel_ridge(
     Y = one_hot_targets(y_train, n_classes)
     itemsize = 4 if np.dtype(getattr(K_train, "dtype", np.float64)) == np.float32 else 8
     route, why = plan_method(n, method, limit, block=block or 2048, itemsize=itemsize, rank=rank)
-    opts = dict(tol=tol, max_iter=max_iter, rank=rank, seed=seed, block=block)
+    opts: dict[str, Any] = dict(tol=tol, max_iter=max_iter, rank=rank, seed=seed, block=block)
 
     blk = block or 2048
     stages: dict[str, float] = {}
@@ -401,9 +413,17 @@ def kernel_ridge(
         val = np.sort(np.random.default_rng(seed).choice(n, size=n_val, replace=False))
         fit = np.setdiff1d(np.arange(n), val)
     dense = None
+    order = None  # cholesky-inplace: the fit rows first, so the fit block is leading
     if route in ("cholesky-dense", "nystrom-dense"):
         t0 = time.perf_counter()
         dense = load_dense(K_train, blk)
+        stages["load"] = time.perf_counter() - t0
+    elif route == "cholesky-inplace":
+        t0 = time.perf_counter()
+        if val is not None:
+            order = np.concatenate([fit, val])
+        dense = load_symmetric(K_train, order, block=1024)
+        opts["diag"] = np.diagonal(dense).astype(np.float64)
         stages["load"] = time.perf_counter() - t0
     val_acc = val_mse = None
     if val is not None:
@@ -415,8 +435,12 @@ def kernel_ridge(
     else:
         ridge = ridges[0]
     t0 = time.perf_counter()
-    solver, sol = _fit(K_train, dense, Y, ridge, route, opts)
+    solver, sol = _fit(K_train, dense, Y if order is None else Y[order], ridge, route, opts)
     del dense
+    if order is not None:  # back to the training rows' order
+        alpha = np.empty_like(sol.alpha)
+        alpha[order] = sol.alpha
+        sol.alpha = alpha
     stages["fit"] = time.perf_counter() - t0
     detail: dict[str, Any] = dict(sol.detail)
     n_val = 0 if val is None else val.size
@@ -468,8 +492,16 @@ VAL_TOL = 1e-6
 
 def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str, rows=None):
     """The route's solver for ``K`` (streamed) or ``dense`` (in memory; ``nystrom-dense``
-    solves on ``dense[rows][:, rows]`` without copying it)."""
+    solves on ``dense[rows][:, rows]`` without copying it, ``cholesky-inplace`` on the
+    leading ``rows`` x ``rows`` block)."""
     o = opts
+    if route == "cholesky-inplace":
+        assert dense is not None
+        m = dense.shape[0] if rows is None else int(rows)
+        return InplaceSolver(
+            dense, m, o["diag"], tol=o["tol"], max_iter=o["max_iter"],
+            block=o["block"] or 2048, what=what,
+        )  # fmt: skip
     if route == "cholesky-dense":
         assert dense is not None
         block = o["block"] or 2048
@@ -480,14 +512,17 @@ def _solver(K, dense: np.ndarray | None, route: str, opts: dict, what: str, rows
             dense, rank=o["rank"], seed=o["seed"], tol=o["tol"], max_iter=o["max_iter"],
             what=what, rows=rows,
         )  # fmt: skip
-    return _Solver(K, route, what=what, **opts)
+    return _Solver(K, route, what=what, **{k: v for k, v in opts.items() if k != "diag"})
 
 
 def _select_ridge(K, dense, Y, y, val, fit, ridges, route, opts):
     """The ridge with the best validation accuracy (ties: the lower validation MSE) when
     fitting on the ``fit`` rows; also the per-ridge accuracies and MSEs."""
     n, n_classes = Y.shape
-    if route == "nystrom-dense":  # no copy of the fit block: the route is memory-bound
+    if route == "cholesky-inplace":  # loaded fit rows first: all views, no copies
+        Kvf = dense[fit.size :, : fit.size]
+        solver = _solver(None, dense, route, opts, "K_fit", rows=fit.size)
+    elif route == "nystrom-dense":  # no copy of the fit block: the route is memory-bound
         Kvf = gather(dense, val, fit)
         solver = _solver(None, dense, route, opts, "K_fit", rows=fit)
     elif dense is not None:
