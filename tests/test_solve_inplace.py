@@ -86,13 +86,22 @@ def test_symmetric_product_is_exact_float64_and_thread_independent(rng, m):
 
 
 def _limit_for_inplace(n, itemsize=4):
-    """A memory limit that admits the in-place route but not the in-memory one."""
+    """A memory limit that admits the in-place route (with ``no_dense``, not the in-memory
+    one)."""
     return inplace_bytes(n, itemsize) + 1000
 
 
-@pytest.mark.parametrize("dtype,n", [(np.float32, 1500), (np.float64, 1900)])
-def test_kernel_ridge_inplace_equals_dense_numpy(rng, dtype, n):
-    # sizes where the route is chosen: its read bands no longer dominate the train block
+@pytest.fixture
+def no_dense(monkeypatch):
+    """The in-memory route never fits (at these small sizes its 12 n^2 bytes are below the
+    in-place route's read bands)."""
+    import deqntk_dist.regression.krr as krr
+
+    monkeypatch.setattr(krr, "dense_bytes", lambda n, itemsize=4: 1 << 62)
+
+
+@pytest.mark.parametrize("dtype,n", [(np.float32, 400), (np.float64, 333)])
+def test_kernel_ridge_inplace_equals_dense_numpy(rng, no_dense, dtype, n):
     K, y = _kernel(rng, n + 60, dtype)
     limit = _limit_for_inplace(n, np.dtype(dtype).itemsize)
     assert plan_method(n, "auto", limit, itemsize=np.dtype(dtype).itemsize)[0] == (
@@ -112,11 +121,11 @@ def test_kernel_ridge_inplace_equals_dense_numpy(rng, dtype, n):
     np.testing.assert_allclose(rep.predictions, pred, rtol=0, atol=1e-8 * np.abs(pred).max())
 
 
-def test_inplace_validation_matches_the_split_solved_independently():
+def test_inplace_validation_matches_the_split_solved_independently(no_dense):
     # the fit rows are loaded first: the validation accuracies and the final alpha (back in
     # the training rows' order) must equal plain numpy solves on the same split
     rng = np.random.default_rng(1)
-    n, d = 1500, 5
+    n, d = 401, 5
     clean = (rng.random(n) < 0.25).astype(int)
     x = rng.normal(size=(n, d))
     x[:, 0] += 3.0 * clean
@@ -142,8 +151,8 @@ def test_inplace_validation_matches_the_split_solved_independently():
     assert _rel(rep.alpha, alpha) < 1e-8
 
 
-def test_inplace_indefinite_matrix_is_a_clear_error(rng):
-    n = 1500
+def test_inplace_indefinite_matrix_is_a_clear_error(rng, no_dense):
+    n = 120
     Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
     w = np.linspace(1.0, 2.0, n)
     w[10] = -5.0
@@ -154,12 +163,15 @@ def test_inplace_indefinite_matrix_is_a_clear_error(rng):
         )
 
 
-def test_store_inplace_agrees_with_the_in_memory_route(tmp_path, rng):
-    x, y = _data(rng, 1600)
-    ks = _make_store(tmp_path, x, y, 1500, tile=256)
-    limit = _limit_for_inplace(1500)
-    rep = solve_store(ks.path, ridges=[1e-4, 1e-2], memory_limit=limit, write_results=False)
+def test_store_inplace_agrees_with_the_in_memory_route(tmp_path, rng, monkeypatch):
+    x, y = _data(rng, 900)
+    ks = _make_store(tmp_path, x, y, 800, tile=128)
+    limit = _limit_for_inplace(800)
     ref = solve_store(ks.path, ridges=[1e-4, 1e-2], solver="cholesky", write_results=False)
+    import deqntk_dist.regression.krr as krr
+
+    monkeypatch.setattr(krr, "dense_bytes", lambda n, itemsize=4: 1 << 62)
+    rep = solve_store(ks.path, ridges=[1e-4, 1e-2], memory_limit=limit, write_results=False)
     assert rep.method == "cholesky-inplace" and ref.method == "cholesky-dense"
     assert rep.ridge == ref.ridge and rep.val_accuracy == ref.val_accuracy
     assert _rel(rep.alpha, ref.alpha) < 1e-8

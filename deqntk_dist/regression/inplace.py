@@ -44,9 +44,10 @@ _ROWS = 4  # rows sharing each pass of the symmetric product (fixed: unrolled by
 
 
 def inplace_bytes(n: int, itemsize: int = 4, n_classes: int = 10) -> int:
-    """Peak bytes of the in-place route: the train block, two read bands in flight, the
-    product's scatter accumulators and the CG vectors."""
-    band = 2 * min(n, 1024) * n * itemsize
+    """Peak bytes of the in-place route: the train block, two read bands in flight (each
+    with the reader's decoding space), the product's scatter accumulators and the CG
+    vectors."""
+    band = 4 * min(n, 1024) * n * itemsize
     return int(itemsize * n * n + band + (_GROUPS + 16) * 8 * n * n_classes)
 
 

@@ -265,6 +265,13 @@ class _Solver:
         return _Solved(x, info.residual, info.iterations, info.converged, detail)
 
 
+def _band_rows(S, most: int = 1024) -> int:
+    """Rows of a read band of ``S``: a multiple of its chunk rows up to ``most`` (bands
+    that cut chunks decode them twice), else ``most`` (a store tile can be 1.6 GB wide)."""
+    rows = getattr(S, "block_rows", None)
+    return int(rows) * (most // int(rows)) if rows and rows <= most else most
+
+
 def _rows_matmul(S, X: np.ndarray, block: int) -> np.ndarray:
     """``S @ X`` for a (m, n) block source in row bands, float64."""
     m = S.shape[0]
@@ -422,7 +429,7 @@ def kernel_ridge(
         t0 = time.perf_counter()
         if val is not None:
             order = np.concatenate([fit, val])
-        dense = load_symmetric(K_train, order, block=1024)
+        dense = load_symmetric(K_train, order, block=_band_rows(K_train))
         opts["diag"] = np.diagonal(dense).astype(np.float64)
         stages["load"] = time.perf_counter() - t0
     val_acc = val_mse = None
@@ -449,7 +456,7 @@ def kernel_ridge(
     predictions, accuracy = None, None
     if K_test is not None:
         t0 = time.perf_counter()
-        predictions = _rows_matmul(K_test, sol.alpha, blk)
+        predictions = _rows_matmul(K_test, sol.alpha, min(blk, _band_rows(K_test)))
         stages["predict"] = time.perf_counter() - t0
         if y_test is not None:
             accuracy = _accuracy(predictions, y_test)
