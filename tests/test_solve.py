@@ -63,6 +63,16 @@ def _dense_alpha(K, y, ridge, k):
     return np.linalg.solve(K + shift * np.eye(n), Y), Y, shift
 
 
+def _noisy_two_classes(n, d=5, seed=1):
+    """Imbalanced two classes (25 % / 75 %) with 20 % label noise: on them tiny ridges fit
+    the noise and huge ridges predict the majority class."""
+    rng = np.random.default_rng(seed)
+    clean = (rng.random(n) < 0.25).astype(int)
+    x = rng.normal(size=(n, d))
+    x[:, 0] += 3.0 * clean
+    return x, np.where(rng.random(n) < 0.2, 1 - clean, clean)
+
+
 def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
@@ -148,12 +158,8 @@ def test_kernel_ridge_equals_dense_numpy(rng, method, limit):
 def test_validation_selects_known_best_ridge():
     # imbalanced two classes, 20% label noise: tiny ridges fit the noise, huge ridges predict
     # the majority class; the best ridge is interior
-    rng = np.random.default_rng(1)
-    n, d = 400, 5
-    clean = (rng.random(n) < 0.25).astype(int)
-    x = rng.normal(size=(n, d))
-    x[:, 0] += 3.0 * clean
-    y = np.where(rng.random(n) < 0.2, 1 - clean, clean)
+    n = 400
+    x, y = _noisy_two_classes(n)
     K = kernel_matrix(SPEC, x).ntk
     ridges = [1e-6, 1e-3, 1e-1, 10.0, 1e3]
     rep = kernel_ridge(K, y, ridges=ridges, method="cholesky", val_fraction=0.2, seed=3)

@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 import scipy.linalg
-from test_solve import _data, _dense_alpha, _make_store, _rel
+from test_solve import _data, _dense_alpha, _make_store, _noisy_two_classes, _rel
 
 from deqntk_dist import DEQSpec, kernel_matrix
 from deqntk_dist.errors import InputError, NotPositiveDefiniteError, SolveError
@@ -124,12 +124,8 @@ def test_kernel_ridge_inplace_equals_dense_numpy(rng, no_dense, dtype, n):
 def test_inplace_validation_matches_the_split_solved_independently(no_dense):
     # the fit rows are loaded first: the validation accuracies and the final alpha (back in
     # the training rows' order) must equal plain numpy solves on the same split
-    rng = np.random.default_rng(1)
-    n, d = 401, 5
-    clean = (rng.random(n) < 0.25).astype(int)
-    x = rng.normal(size=(n, d))
-    x[:, 0] += 3.0 * clean
-    y = np.where(rng.random(n) < 0.2, 1 - clean, clean)
+    n = 401
+    x, y = _noisy_two_classes(n)
     K = kernel_matrix(SPEC, x).ntk.astype(np.float32)
     ridges = [1e-6, 1e-3, 1e-1, 10.0, 1e3]
     rep = kernel_ridge(

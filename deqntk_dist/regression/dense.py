@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import NotPositiveDefiniteError, SolveError
-from .linalg import _bounds, _read, block_cholesky, check_converged, factor_escalating, pcg
+from .linalg import _bounds, _read, block_cholesky, check_converged, factored_pcg, pcg
 
 __all__ = [
     "THREADED_POTRF_MAX",
@@ -194,24 +194,19 @@ class DenseSolver:
         from .krr import _Solved
 
         tol = self.tol if tol is None else tol
-        s = self.shift(ridge)
         t0 = time.perf_counter()
-        (solve, detail), pshift = factor_escalating(self._factor, s, 1e-7 * self.trace / self.n)
-        detail.setdefault("factor_seconds", time.perf_counter() - t0)
-        x, info = pcg(
-            self.K,
-            B,
-            s,
-            precondition=solve,
-            x0=solve(B),
-            tol=tol,
-            max_iter=self.max_iter,
-            block=self.block,
-            what=self.what,
-            matmul=lambda P, shift: dense_matmul(self.K, P, shift),
-        )
-        check_converged(info, "cholesky-dense", tol, "raise max_iter or the ridge", ridge)
-        detail.update(factor_dtype="float32", preconditioner_shift=pshift, cg_seconds=info.seconds)
+
+        def factor(pshift: float):
+            solve, detail = self._factor(pshift)
+            detail.setdefault("factor_seconds", time.perf_counter() - t0)
+            return solve, detail
+
+        x, info, detail = factored_pcg(
+            factor, B, self.shift(ridge), 1e-7 * self.trace / self.n,
+            matmul=lambda P, shift: dense_matmul(self.K, P, shift), tol=tol,
+            max_iter=self.max_iter, route="cholesky-dense", what=self.what, ridge=ridge,
+        )  # fmt: skip
+        detail.update(factor_dtype="float32")
         return _Solved(x, info.residual, info.iterations, info.converged, detail)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InputError, NotPositiveDefiniteError
 from .blas import ColumnMajor
-from .linalg import _bounds, _read, check_converged, factor_escalating, pcg
+from .linalg import _bounds, _read, factored_pcg
 
 __all__ = ["InplaceSolver", "inplace_bytes", "load_symmetric"]
 
@@ -308,25 +308,10 @@ class InplaceSolver:
         from .krr import _Solved
 
         tol = self.tol if tol is None else tol
-        s = self.shift(ridge)
-        floor = 1e-7 * self.trace / self.m
-        (solve, detail), pshift = factor_escalating(self._factorize, s, floor)
-        x, info = pcg(
-            None,
-            B,
-            s,
-            precondition=solve,
-            x0=solve(B),
-            tol=tol,
-            max_iter=self.max_iter,
-            what=self.what,
-            matmul=self.matmul,
-        )
-        check_converged(info, "cholesky-inplace", tol, "raise max_iter or the ridge", ridge)
-        detail.update(
-            factor_dtype=self.A.dtype.name,
-            preconditioner_shift=pshift,
-            cg_seconds=info.seconds,
-            factor_bytes=0,
-        )
+        x, info, detail = factored_pcg(
+            self._factorize, B, self.shift(ridge), 1e-7 * self.trace / self.m,
+            matmul=self.matmul, tol=tol, max_iter=self.max_iter, route="cholesky-inplace",
+            what=self.what, ridge=ridge,
+        )  # fmt: skip
+        detail.update(factor_dtype=self.A.dtype.name, factor_bytes=0)
         return _Solved(x, info.residual, info.iterations, info.converged, detail)

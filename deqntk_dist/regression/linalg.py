@@ -33,6 +33,7 @@ __all__ = [
     "as_block_source",
     "block_cholesky",
     "diagonal",
+    "factored_pcg",
     "nystrom_preconditioner",
     "pcg",
     "sym_matmul",
@@ -418,6 +419,34 @@ def factor_escalating(factor, shift: float, floor: float):
                 raise
             pshift = max(pshift, floor) * 10
     raise AssertionError("unreachable")
+
+
+def factored_pcg(factor, B: np.ndarray, shift: float, floor: float, *, matmul, tol: float,
+                 max_iter: int, route: str, what: str, ridge: float | None = None):  # fmt: skip
+    """Solve ``(K + shift I) X = B`` by float64 CG preconditioned with a (float32) factor,
+    started from the factor's own solution.
+
+    Parameters
+    ----------
+    factor : callable ``pshift -> (solve, detail)``
+        A factorization of ``K + pshift I``; escalated by :func:`factor_escalating`.
+    matmul : callable ``(P, shift) -> (K + shift I) P`` in float64
+
+    Returns
+    -------
+    X : ndarray, float64, shape of ``B``
+    info : SolveInfo
+    detail : dict
+        The factor's detail with ``preconditioner_shift`` and ``cg_seconds``.
+    """
+    (solve, detail), pshift = factor_escalating(factor, shift, floor)
+    x, info = pcg(
+        None, B, shift, precondition=solve, x0=solve(B), tol=tol, max_iter=max_iter,
+        what=what, matmul=matmul,
+    )  # fmt: skip
+    check_converged(info, route, tol, "raise max_iter or the ridge", ridge)
+    detail.update(preconditioner_shift=pshift, cg_seconds=info.seconds)
+    return x, info, detail
 
 
 def check_converged(info: SolveInfo, route: str, tol: float, hint: str, ridge=None) -> None:
