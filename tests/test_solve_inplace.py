@@ -10,12 +10,12 @@ from deqntk_dist import DEQSpec, kernel_matrix
 from deqntk_dist.errors import InputError, NotPositiveDefiniteError, SolveError
 from deqntk_dist.regression import kernel_ridge, one_hot_targets, solve_store
 from deqntk_dist.regression.blas import ColumnMajor
+from deqntk_dist.regression.dense import load_symmetric
 from deqntk_dist.regression.inplace import (
     InplaceSolver,
     _factor,
     _restore,
     inplace_bytes,
-    load_symmetric,
 )
 from deqntk_dist.regression.krr import plan_method
 
@@ -53,7 +53,7 @@ def test_factor_matches_lapack_and_keeps_the_kernel(rng, dtype, n, m, block):
     A = load_symmetric(K, block=64)
     lower = np.tril(A, -1).copy()
     d = np.diagonal(K).copy()
-    _restore(A, m, d, dtype(0.01), 16)
+    _restore(A, m, d, dtype(0.01))
     assert _factor(ColumnMajor(A), m, block) == 0
     L = np.tril(A[:m, :m].T)  # the column-major lower triangle = the C-order upper one
     ref = scipy.linalg.cholesky(

@@ -13,11 +13,13 @@ n ~ 17,000 and ``spotrf`` at 60,000 on these machines; both ran at 16,000).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numba as nb
 import numpy as np
 import scipy.linalg
 
-from ..errors import NotPositiveDefiniteError, SolveError
+from ..errors import InputError, NotPositiveDefiniteError, SolveError
 from .linalg import _bounds, _read, block_cholesky, check_converged, factored_pcg, pcg
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "dense_matmul",
     "gather",
     "load_dense",
+    "load_symmetric",
     "nystrom_dense_bytes",
 ]
 
@@ -46,19 +49,98 @@ def dense_bytes(n: int, itemsize: int = 4) -> int:
 def load_dense(K, block: int) -> np.ndarray:
     """The symmetric block source ``K`` as a C-contiguous array of its own precision
     (float32 for float32 sources, else float64: the values exactly), reading only its
-    lower triangle in row bands (the upper triangle is mirrored).
+    lower triangle in row bands (:func:`load_symmetric`; the upper triangle is mirrored).
 
     Returns
     -------
     ndarray, shape (n, n), float32 or float64
     """
+    A = load_symmetric(K, block=block)
+    _mirror_lower(A, 64)
+    return A
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _scatter_band(A, band, s, q):
+    """``A[q[i], q[j]] = band[i - s, j]`` for the source rows ``i`` of the band, ``j <= i``;
+    returns the number of non-finite values among them."""
+    h = band.shape[0]
+    bad = 0
+    for r in nb.prange(h):
+        qi = q[s + r]
+        for j in range(s + r + 1):
+            v = band[r, j]
+            if not np.isfinite(v):
+                bad += 1
+            A[qi, q[j]] = v
+    return bad
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _complete_lower(A, p, B):
+    """``A[a, b] = A[b, a]`` for ``b < a`` wherever ``p[a] < p[b]`` (the lower-triangle
+    entries that :func:`_scatter_band` wrote above the diagonal), in ``B`` x ``B`` tiles."""
+    n = A.shape[0]
+    nt = (n + B - 1) // B
+    for ta in nb.prange(nt):
+        a0, a1 = ta * B, min(n, (ta + 1) * B)
+        for b0 in range(0, a1, B):
+            for a in range(a0, a1):
+                pa = p[a]
+                for b in range(b0, min(b0 + B, a)):
+                    if pa < p[b]:
+                        A[a, b] = A[b, a]
+
+
+def load_symmetric(K, order: np.ndarray | None = None, *, block: int = 1024) -> np.ndarray:
+    """The lower triangle of ``K[order][:, order]`` for a symmetric block source, in one
+    C-contiguous array of the source's precision, reading only the lower triangle of ``K``
+    in row bands (the next band is read while the last is placed).
+
+    The strict upper triangle of the result is scratch (partly filled); the solver builds
+    it from the lower one before each factorization.
+
+    Parameters
+    ----------
+    K : block source, shape (n, n), symmetric
+    order : int array, shape (n,), a permutation (default: the identity)
+
+    Returns
+    -------
+    ndarray, shape (n, n), float32 for float32 sources, else float64
+
+    Raises
+    ------
+    SolveError
+        A band reads back with the wrong shape or holds non-finite values.
+    """
     n = K.shape[0]
     dtype = np.float32 if np.dtype(getattr(K, "dtype", np.float64)) == np.float32 else np.float64
+    p = np.arange(n) if order is None else np.asarray(order, dtype=np.int64)
+    if p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n)):
+        raise InputError(f"order must be a permutation of range({n})")
+    q = np.empty(n, dtype=np.int64)
+    q[p] = np.arange(n)
     A = np.empty((n, n), dtype=dtype)
     bounds = _bounds(n, block)
-    for s, e in bounds:
-        A[s:e, :e] = _read(K, s, e, 0, e)
-    _mirror_lower(A, 64)  # the upper triangle from the lower
+
+    def read(s: int, e: int) -> np.ndarray:
+        band = np.asarray(K[s:e, 0:e])
+        if band.shape != (e - s, e):
+            _read(K, s, e, 0, e)  # raises with the shape in the message
+        return np.ascontiguousarray(band, dtype=dtype)
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(read, *bounds[0])
+        for k, (s, e) in enumerate(bounds):
+            band = nxt.result()
+            if k + 1 < len(bounds):
+                nxt = pool.submit(read, *bounds[k + 1])
+            if _scatter_band(A, band, s, q):
+                _read(K, s, e, 0, e)  # raises, naming the first non-finite entry
+            del band
+    if order is not None:
+        _complete_lower(A, p, 64)
     return A
 
 

@@ -26,16 +26,16 @@ Platform hazard (DESIGN §5): no LAPACK / syrk call sees more than one ``block``
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
 import numpy as np
 
-from ..errors import InputError, NotPositiveDefiniteError
+from ..errors import NotPositiveDefiniteError, SolveError
 from .blas import ColumnMajor
-from .linalg import _bounds, _read, factored_pcg
+from .dense import _mirror_lower
+from .linalg import factored_pcg
 
-__all__ = ["InplaceSolver", "inplace_bytes", "load_symmetric"]
+__all__ = ["InplaceSolver", "inplace_bytes"]
 
 #: Fixed groups of row blocks in the symmetric product: the summation order (and so the
 #: bits) does not depend on the number of threads.
@@ -51,104 +51,12 @@ def inplace_bytes(n: int, itemsize: int = 4, n_classes: int = 10) -> int:
     return int(itemsize * n * n + band + (_GROUPS + 16) * 8 * n * n_classes)
 
 
-# ------------------------------------------------------------------------------ loading
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _scatter_band(A, band, s, q):
-    """``A[q[i], q[j]] = band[i - s, j]`` for the source rows ``i`` of the band, ``j <= i``;
-    returns the number of non-finite values among them."""
-    h = band.shape[0]
-    bad = 0
-    for r in nb.prange(h):
-        qi = q[s + r]
-        for j in range(s + r + 1):
-            v = band[r, j]
-            if not np.isfinite(v):
-                bad += 1
-            A[qi, q[j]] = v
-    return bad
-
-
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _complete_lower(A, p, B):
-    """``A[a, b] = A[b, a]`` for ``b < a`` wherever ``p[a] < p[b]`` (the lower-triangle
-    entries that :func:`_scatter_band` wrote above the diagonal), in ``B`` x ``B`` tiles."""
-    n = A.shape[0]
-    nt = (n + B - 1) // B
-    for ta in nb.prange(nt):
-        a0, a1 = ta * B, min(n, (ta + 1) * B)
-        for b0 in range(0, a1, B):
-            for a in range(a0, a1):
-                pa = p[a]
-                for b in range(b0, min(b0 + B, a)):
-                    if pa < p[b]:
-                        A[a, b] = A[b, a]
-
-
-def load_symmetric(K, order: np.ndarray | None = None, *, block: int = 1024) -> np.ndarray:
-    """The lower triangle of ``K[order][:, order]`` for a symmetric block source, in one
-    C-contiguous array of the source's precision, reading only the lower triangle of ``K``
-    in row bands (the next band is read while the last is placed).
-
-    The strict upper triangle of the result is scratch (partly filled); the solver builds
-    it from the lower one before each factorization.
-
-    Parameters
-    ----------
-    K : block source, shape (n, n), symmetric
-    order : int array, shape (n,), a permutation (default: the identity)
-
-    Returns
-    -------
-    ndarray, shape (n, n), float32 for float32 sources, else float64
-
-    Raises
-    ------
-    SolveError
-        A band reads back with the wrong shape or holds non-finite values.
-    """
-    n = K.shape[0]
-    dtype = np.float32 if np.dtype(getattr(K, "dtype", np.float64)) == np.float32 else np.float64
-    p = np.arange(n) if order is None else np.asarray(order, dtype=np.int64)
-    if p.shape != (n,) or not np.array_equal(np.sort(p), np.arange(n)):
-        raise InputError(f"order must be a permutation of range({n})")
-    q = np.empty(n, dtype=np.int64)
-    q[p] = np.arange(n)
-    A = np.empty((n, n), dtype=dtype)
-    bounds = _bounds(n, block)
-
-    def read(s: int, e: int) -> np.ndarray:
-        band = np.asarray(K[s:e, 0:e])
-        if band.shape != (e - s, e):
-            _read(K, s, e, 0, e)  # raises with the shape in the message
-        return np.ascontiguousarray(band, dtype=dtype)
-
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(read, *bounds[0])
-        for k, (s, e) in enumerate(bounds):
-            band = nxt.result()
-            if k + 1 < len(bounds):
-                nxt = pool.submit(read, *bounds[k + 1])
-            if _scatter_band(A, band, s, q):
-                _read(K, s, e, 0, e)  # raises, naming the first non-finite entry
-            del band
-    if order is not None:
-        _complete_lower(A, p, 64)
-    return A
-
-
 # ------------------------------------------------------------------------ factorization
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _restore(A, m, d, shift, B):
-    """Upper triangle of ``A[:m, :m]`` from its lower one, diagonal ``d + shift``."""
-    nt = (m + B - 1) // B
-    for tj in nb.prange(nt):
-        j0, j1 = tj * B, min(m, (tj + 1) * B)
-        for i0 in range(0, j1, B):
-            for i in range(i0, min(m, i0 + B)):
-                for j in range(max(j0, i + 1), j1):
-                    A[i, j] = A[j, i]
-        for j in range(j0, j1):
-            A[j, j] = d[j] + shift
+def _restore(A: np.ndarray, m: int, d: np.ndarray, shift) -> None:
+    """Upper triangle of ``A[:m, :m]`` from its lower one, diagonal ``d[:m] + shift``."""
+    view = A[:m, :m]
+    _mirror_lower(view, 64)
+    np.einsum("ii->i", view)[:] = d[:m] + shift
 
 
 def _factor(cm: ColumnMajor, m: int, block: int) -> int:
@@ -231,7 +139,7 @@ def _symv_lower(A, m, d, Xt, out, S):
 # ----------------------------------------------------------------------------- solver
 class InplaceSolver:
     """Solves ``(K + shift I) X = B`` for ``K`` the leading ``m`` x ``m`` block of ``A``
-    (from :func:`load_symmetric`), one float32 (or float64) in-place factorization per
+    (from :func:`.dense.load_symmetric`), one float32 (or float64) in-place factorization per
     ridge, float64 CG refinement to ``tol``.
 
     Parameters
@@ -254,8 +162,6 @@ class InplaceSolver:
         self.d_native = self.d.astype(A.dtype)
         self.trace = float(self.d.sum())
         if not self.trace > 0:
-            from ..errors import SolveError
-
             raise SolveError(f"{what} has a non-positive trace {self.trace:.6g}; not a kernel")
         self._S = np.empty((_GROUPS, 0, m))
 
@@ -278,7 +184,7 @@ class InplaceSolver:
 
     def _factorize(self, pshift: float):
         t0 = time.perf_counter()
-        _restore(self.A, self.m, self.d_native, self.A.dtype.type(pshift), 64)
+        _restore(self.A, self.m, self.d_native, self.A.dtype.type(pshift))
         failed = _factor(self.cm, self.m, self.block)
         if failed:
             raise NotPositiveDefiniteError(

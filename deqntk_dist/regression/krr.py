@@ -44,13 +44,15 @@ from .dense import (
     dense_matmul,
     gather,
     load_dense,
+    load_symmetric,
     nystrom_dense_bytes,
 )
-from .inplace import InplaceSolver, inplace_bytes, load_symmetric
+from .inplace import InplaceSolver, inplace_bytes
 from .linalg import (
     IndexedBlocks,
     NystromPreconditioner,
     as_block_source,
+    band_rows,
     block_cholesky,
     check_converged,
     diagonal,
@@ -265,13 +267,6 @@ class _Solver:
         return _Solved(x, info.residual, info.iterations, info.converged, detail)
 
 
-def _band_rows(S, most: int = 1024) -> int:
-    """Rows of a read band of ``S``: a multiple of its chunk rows up to ``most`` (bands
-    that cut chunks decode them twice), else ``most`` (a store tile can be 1.6 GB wide)."""
-    rows = getattr(S, "block_rows", None)
-    return int(rows) * (most // int(rows)) if rows and rows <= most else most
-
-
 def _rows_matmul(S, X: np.ndarray, block: int) -> np.ndarray:
     """``S @ X`` for a (m, n) block source in row bands, float64."""
     m = S.shape[0]
@@ -423,13 +418,13 @@ def kernel_ridge(
     order = None  # cholesky-inplace: the fit rows first, so the fit block is leading
     if route in ("cholesky-dense", "nystrom-dense"):
         t0 = time.perf_counter()
-        dense = load_dense(K_train, blk)
+        dense = load_dense(K_train, band_rows(K_train))
         stages["load"] = time.perf_counter() - t0
     elif route == "cholesky-inplace":
         t0 = time.perf_counter()
         if val is not None:
             order = np.concatenate([fit, val])
-        dense = load_symmetric(K_train, order, block=_band_rows(K_train))
+        dense = load_symmetric(K_train, order, block=band_rows(K_train))
         opts["diag"] = np.diagonal(dense).astype(np.float64)
         stages["load"] = time.perf_counter() - t0
     val_acc = val_mse = None
@@ -456,7 +451,7 @@ def kernel_ridge(
     predictions, accuracy = None, None
     if K_test is not None:
         t0 = time.perf_counter()
-        predictions = _rows_matmul(K_test, sol.alpha, min(blk, _band_rows(K_test)))
+        predictions = _rows_matmul(K_test, sol.alpha, min(blk, band_rows(K_test)))
         stages["predict"] = time.perf_counter() - t0
         if y_test is not None:
             accuracy = _accuracy(predictions, y_test)

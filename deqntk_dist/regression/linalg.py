@@ -31,6 +31,7 @@ __all__ = [
     "NystromPreconditioner",
     "SolveInfo",
     "as_block_source",
+    "band_rows",
     "block_cholesky",
     "diagonal",
     "factored_pcg",
@@ -128,6 +129,14 @@ def as_block_source(K, *, name: str = "K"):
 
 def _bounds(n: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + block)) for s in range(0, n, block)]
+
+
+def band_rows(K, most: int = 1024) -> int:
+    """Rows of a band read whole into memory: a multiple of ``K``'s chunk rows up to
+    ``most`` (bands that cut chunks decode them twice), else ``most`` (a store tile can be
+    1.6 GB wide)."""
+    rows = getattr(K, "block_rows", None) or _chunk_rows(K)
+    return int(rows) * (most // int(rows)) if rows and rows <= most else most
 
 
 def _default_block(K, block: int | None) -> int:
