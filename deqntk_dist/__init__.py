@@ -1,5 +1,6 @@
 """deqntk_dist: NTK / NNGP Gram matrices of infinitely deep equilibrium models, tiled on Dask."""
 
+from . import jit as jit  # first: sets numba's CPU features before anything compiles
 from .errors import (
     ClusterError,
     DatasetError,

@@ -30,10 +30,17 @@ rows), so every loop is one contiguous unsigned-index loop that LLVM vectorises.
 columns may hold finite garbage: the mask (1 inside, 0 on pads) removes it wherever it
 could reach the interior, and the arrays a box mean reads are zero there.
 
+Passes are fused where one loop can do the work of several (the box mean with the
+residual and its float32 copy, the update of ``x`` with its float32 copy, the Theta update
+with ``k0 Theta``); maxima over the band are unsigned-integer maxima of the magnitude bits
+(they vectorise, are exact, and a NaN anywhere makes the maximum NaN, so the slice goes to
+the robust solver).
+
 Bitwise reproducibility: a slice's operations depend only on its two images (and their
 self-covariances): fixed loop orders, iteration counts from the slice's own residuals, and
-plain IEEE arithmetic (no fast-math: vectorised loops neither reassociate nor fuse
-multiply-adds), so tiles equal the untiled Gram for any tile, batch or thread count.
+IEEE arithmetic with fused multiply-adds allowed but no reassociation (``fastmath`` is
+``{"contract"}`` only), so tiles equal the untiled Gram for any tile, batch or thread count
+on a given machine.  A CPU without FMA would round some products differently (by ~1e-16).
 """
 
 from __future__ import annotations
@@ -56,9 +63,13 @@ from .duals import k1k0
 
 __all__ = ["box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
 
+#: Fused multiply-adds allowed (contraction only: no reassociation, so every pass still
+#: computes the same bits for a slice whatever the tile, batch or thread count).
+_CONTRACT = {"contract"}
 _U = np.uint64
 _F = np.float32
-_U0, _U1, _U2, _U4 = _U(0), _U(1), _U(2), _U(4)
+_U0, _U1, _U2 = _U(0), _U(1), _U(2)
+_ABS64, _ABS32 = _U(0x7FFFFFFFFFFFFFFF), np.uint32(0x7FFFFFFF)
 
 # fdlibm asin rational approximation (see conv_solve): asin(z) = z + z R(z^2), |z| <= 0.5
 _PS = (
@@ -96,13 +107,13 @@ MAX_NEWTON = 40
 MAX_ROUNDS = 12
 
 # rows of the float64 workspace
-(_MSK, _S, _INVS, _KB, _X, _K1, _K0, _G, _F64, _TH, _T64, _VS64, _VX, _VY, _KXY) = range(15)
+(_MSK, _S, _INVS, _KB, _X, _K1, _K0, _F64, _TH, _T64, _VS64, _VX, _VY, _KXY) = range(14)
 #: Rows of the float64 workspace (each of :func:`slice_length` entries).
-ROWS64 = 15
+ROWS64 = 14
 # rows of the float32 workspace
-(_MSKf, _Sf, _INVSf, _KBf, _Xf, _K1f, _K0f, _Gf, _Ff, _XA, _XB, _TA, _TB, _VSf) = range(14)
+(_MSKf, _Sf, _INVSf, _KBf, _Xf, _K1f, _K0f, _Ff, _XA, _XB, _TA, _TB, _VSf) = range(13)
 #: Rows of the float32 workspace.
-ROWS32 = 14
+ROWS32 = 13
 
 
 @nb.njit(cache=True)
@@ -133,9 +144,10 @@ def box_eigen_bounds(n_max: int, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------- dual maps
-@nb.njit(cache=True, error_model="numpy")
-def _relu64(x, s, inv_s, k1, k0, b0, n, divide):
-    """ReLU dual maps at covariances ``x`` (band ``[b0, b0+n)``); ``s = 0`` on pads.
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _relu64(x, s, inv_s, k1, k0, k0f, b0, n, divide):
+    """ReLU dual maps at covariances ``x`` (band ``[b0, b0+n)``); ``s = 0`` on pads;
+    ``k0f`` receives ``k0`` in float32 (the Chebyshev solves' operator).
 
     One square root and one division per pixel: ``phi = asin(z)`` by the fdlibm rational,
     ``sin(theta)`` as ``cos(phi)`` (or ``2 z cos(phi)``) by its Taylor polynomial.
@@ -165,11 +177,13 @@ def _relu64(x, s, inv_s, k1, k0, b0, n, divide):
         two_phi = phi + phi
         pm = _HALF_PI + phi if small else (_PI - two_phi if rho > 0.0 else two_phi)
         kq = pm * _INV_2PI
-        k0[p] = kq if pos else 0.0
+        k = kq if pos else 0.0
+        k0[p] = k
+        k0f[p] = np.float32(k)
         k1[p] = sp * (sn * _INV_2PI + kq * rho)
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _relu32(x, s, inv_s, k1, k0, b0, n):
     """:func:`_relu64` in float32 (early Newton steps)."""
     for kk in range(n):
@@ -192,7 +206,7 @@ def _relu32(x, s, inv_s, k1, k0, b0, n):
         k1[p] = sp * (sn * _INV_2PIf + kq * rho)
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
     for kk in range(n):
         p = b0 + kk
@@ -204,7 +218,7 @@ def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
 
 
 # ------------------------------------------------------------------- band primitives
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _box(src, dst, vs, b0, n, wp, r, inv_q):
     """``dst = M src`` on the band: ``2r+1`` rows summed, then ``2r+1`` columns, in order.
 
@@ -236,60 +250,112 @@ def _box(src, dst, vs, b0, n, wp, r, inv_q):
         dst[b0 + k] *= inv_q
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _amax(a, b0, n):
-    """max |a| over the band (four accumulators; max is exact in any order)."""
-    m0 = m1 = m2 = m3 = 0.0
-    n4 = n - n % _U4
-    for k in range(_U0, n4, _U4):
-        p = b0 + k
-        m0 = max(m0, abs(a[p]))
-        m1 = max(m1, abs(a[p + _U1]))
-        m2 = max(m2, abs(a[p + _U2]))
-        m3 = max(m3, abs(a[p + _U2 + _U1]))
-    for k in range(n4, n):
-        m0 = max(m0, abs(a[b0 + k]))
-    return max(max(m0, m1), max(m2, m3))
+    """max |a| over the band of a float64 array; NaN if any entry is NaN.
 
-
-@nb.njit(cache=True, error_model="numpy")
-def _residual(F, G, kb, x, msk, sw2, b0, n):
-    """``F = msk ((sw2 G + kb) - x)``: the fixed-point residual ``F(x) - x`` (any dtype)."""
+    The magnitude bits of an IEEE number order it like its absolute value (NaN above
+    inf), so an unsigned integer max, which vectorises, is exact and propagates NaN.
+    """
+    u = a.view(np.uint64)
+    m = _U0
     for k in range(n):
-        p = b0 + k
-        F[p] = msk[p] * ((sw2 * G[p] + kb[p]) - x[p])
+        m = max(m, u[b0 + k] & _ABS64)
+    return np.uint64(m).view(np.float64)
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _amax32(a, b0, n):
+    """:func:`_amax` of a float32 array (as a float64)."""
+    u = a.view(np.uint32)
+    m = np.uint32(0)
+    for k in range(n):
+        m = max(m, u[b0 + k] & _ABS32)
+    return np.float64(np.uint32(m).view(np.float32))
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _residual(src, F, F32, kb, x, msk, sw2, vs, b0, n, wp, r, inv_q, copy32):
+    """``F = msk ((sw2 M src + kb) - x)``, the fixed-point residual ``F(x) - x`` with
+    ``src = k1(x)`` (any dtype), in one pass after the vertical sums for ``r = 1``;
+    ``F32 = float32(F)`` when ``copy32``."""
+    if r == 1:
+        lo = b0 - _U1
+        top = lo - wp
+        for k in range(n + _U2):
+            vs[lo + k] = (src[top + k] + src[lo + k]) + src[lo + wp + k]
+        for k in range(n):
+            p = b0 + k
+            g = ((vs[lo + k] + vs[p]) + vs[p + _U1]) * inv_q
+            F[p] = msk[p] * ((sw2 * g + kb[p]) - x[p])
+    else:
+        _box(src, F, vs, b0, n, wp, r, inv_q)
+        for k in range(n):
+            p = b0 + k
+            F[p] = msk[p] * ((sw2 * F[p] + kb[p]) - x[p])
+    if copy32:
+        for k in range(n):
+            F32[b0 + k] = np.float32(F[b0 + k])
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _to32(src, dst, b0, n):
     for k in range(n):
         dst[b0 + k] = np.float32(src[b0 + k])
 
 
-@nb.njit(cache=True, error_model="numpy")
-def _add_masked(x, d, msk, b0, n):
-    """``x += msk * d`` (float64 ``x``, float32 ``d``)."""
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _add_masked(x, d, msk, xf, b0, n):
+    """``x += msk * d`` (float64 ``x``, float32 ``d``) and ``xf = float32(x)``."""
     for k in range(n):
         p = b0 + k
-        x[p] += msk[p] * np.float64(d[p])
+        v = x[p] + msk[p] * np.float64(d[p])
+        x[p] = v
+        xf[p] = np.float32(v)
 
 
-@nb.njit(cache=True, error_model="numpy")
-def _spectrum(k0, b0, n, sw2, m_lo, m_hi, check_sign):
-    """Bounds ``(lo, hi)`` of the spectrum of ``I - sw2 M diag(k0)`` on the slice, given the
-    box mean's ``[m_lo, m_hi]``; ``lo <= 0`` (or ``k0 < 0`` when ``check_sign``) means
-    the Chebyshev solves do not apply."""
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _theta_update(th, t64, k0, d, msk, b0, n, first):
+    """``th = msk d`` (``first``) or ``th += msk d``, and ``t64 = k0 th``; returns
+    ``max |th|``."""
+    for k in range(n):
+        p = b0 + k
+        v = msk[p] * np.float64(d[p]) if first else th[p] + msk[p] * np.float64(d[p])
+        th[p] = v
+        t64[p] = k0[p] * v
+    return _amax(th, b0, n)
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _theta_residual(t64, x, th, msk, sw2, F, Ff, vs, b0, n, wp, r, inv_q):
+    """``F = msk (x - (th - sw2 M t64))`` (the residual of the Theta equation at
+    ``t64 = k0 th``) and ``Ff = float32(F)``; returns ``max |F|``."""
+    _box(t64, F, vs, b0, n, wp, r, inv_q)
+    for k in range(n):
+        p = b0 + k
+        v = msk[p] * (x[p] - (th[p] - sw2 * F[p]))
+        F[p] = v
+        Ff[p] = np.float32(v)
+    return _amax(F, b0, n)
+
+
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _spectrum(k0f, b0, n, sw2, m_lo, m_hi, check_sign):
+    """Bounds ``(lo, hi)`` of the spectrum of ``I - sw2 M diag(k0f)`` on the slice (``k0f``
+    float32, the operator the Chebyshev solves apply), given the box mean's
+    ``[m_lo, m_hi]``; ``lo <= 0`` (or ``k0f < 0`` when ``check_sign``, for activations
+    whose ``k0`` may be negative) means the Chebyshev solves do not apply."""
     if check_sign:
-        kmin = 0.0
+        kmin = _ZEROf
         for k in range(n):
-            kmin = min(kmin, k0[b0 + k])
-        if kmin < 0.0:
+            kmin = min(kmin, k0f[b0 + k])
+        if kmin < _ZEROf:
             return -1.0, 1.0  # indefinite Jacobian: Anderson in the robust solver
-    kmax = np.float64(_amax(k0, b0, n))
+    kmax = _amax32(k0f, b0, n)
     return 1.0 - sw2 * kmax * m_hi, 1.0 - sw2 * kmax * m_lo
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _cheb_steps(eta, lo, hi):
     """Chebyshev steps that reduce the error by ``eta`` on the spectrum ``[lo, hi]``."""
     if hi - lo <= 1e-12 * hi:
@@ -298,7 +364,7 @@ def _cheb_steps(eta, lo, hi):
     return max(1, int(math.ceil(math.acosh(1.0 / eta) / math.acosh(sigma))))
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, hi):
     """Solve ``(I - sw2 M diag(k0)) x = b`` (float32) by ``steps`` Chebyshev steps from 0.
 
@@ -354,14 +420,16 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
 
 
 # --------------------------------------------------------------------------- a slice
-@nb.njit(cache=True, error_model="numpy")
-def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same, w64,
-          w32):  # fmt: skip
-    """Fill the slice inputs (mask, s, 1/s, kb, self-covariances) for offset (d1, d2).
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same,
+          need_v, w64, w32):  # fmt: skip
+    """Fill the slice inputs (mask, s, 1/s, kb and, when ``need_v``, the self-covariances)
+    for offset (d1, d2).
 
     ``sxi``/``isxi`` are ``sqrt(v)`` / ``1/sqrt(v)`` of the image's self-covariances (0 where
     ``v = 0``), so ``s = sqrt(vx vy)`` and ``1/s`` are products.  Returns ``(h, w, scale)``
-    with ``scale = max(s, |kb|)`` over the slice.
+    with ``scale = max(s, |kb|)`` over the slice.  Rows read only over the band get zeros on
+    its pad columns; ``kxy``, a box input, is zero everywhere outside the interior.
     """
     a0 = max(0, -d1)
     c0 = max(0, -d2)
@@ -376,15 +444,17 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     msk, s, inv_s, kxy = w64[_MSK], w64[_S], w64[_INVS], w64[_KXY]
     vx, vy = w64[_VX], w64[_VY]
     for k in range(N):
-        msk[k] = 0.0
-        s[k] = 0.0
-        inv_s[k] = 0.0
         kxy[k] = 0.0
-        vx[k] = 0.0
-        vy[k] = 0.0
     inv_c = 1.0 / C
     for u in range(h):
         base = b0 + _U(u) * wp + ru
+        # the r right pads of row u - 1 and the r left pads of row u are contiguous
+        for k in range(base - ru - ru, base):
+            msk[k] = 0.0
+            s[k] = 0.0
+            inv_s[k] = 0.0
+            vx[k] = 0.0
+            vy[k] = 0.0
         xi0 = _U((a0 + u) * W + c0)
         yj0 = _U((a0 + d1 + u) * W + c0 + d2)
         # short loops over the row, one or two outputs each, so that each vectorises
@@ -399,9 +469,10 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
                 kxy[base + v] = acc * inv_c
         for v in range(wu):
             msk[base + v] = 1.0
-        for v in range(wu):
-            vx[base + v] = vxi[xi0 + v]
-            vy[base + v] = vyj[yj0 + v]
+        if need_v:
+            for v in range(wu):
+                vx[base + v] = vxi[xi0 + v]
+                vy[base + v] = vyj[yj0 + v]
         for v in range(wu):
             s[base + v] = sxi[xi0 + v] * syj[yj0 + v]
             inv_s[base + v] = isxi[xi0 + v] * isyj[yj0 + v]
@@ -410,6 +481,12 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
                 p = base + v
                 s[p] = vx[p]
                 inv_s[p] = 1.0 / vx[p] if vx[p] > 0.0 else 0.0
+    for k in range(b0 + n - ru, b0 + n + ru):  # right pads of the last row (and beyond)
+        msk[k] = 0.0
+        s[k] = 0.0
+        inv_s[k] = 0.0
+        vx[k] = 0.0
+        vy[k] = 0.0
     kb = w64[_KB]
     _box(kxy, kb, w64[_VS64], b0, n, wp, ru, 1.0 / ((2 * r + 1) * (2 * r + 1)))
     for k in range(n):
@@ -432,7 +509,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     return h, w, scale
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n):
     """Pointwise start ``x = s rho(kb / s)``: the ReLU fixed point with ``M`` taken as the
     identity (exact where the slice is locally uniform, e.g. blank backgrounds).
@@ -450,7 +527,7 @@ def _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n):
         x[p] = s[p] * (table[k] + f * (table[k + 1] - table[k]))
 
 
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def fast_slice(
     act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj,
     d1, d2, H, W, C, r, wr, wc, same, tol, mu_lo, mu_hi, table, t_max, inv_step, w64, w32,
@@ -460,9 +537,11 @@ def fast_slice(
     nonlinear evaluations, Chebyshev steps)`` with the separable readout weights
     ``wr[i] wc[j]``.  Returns False when the slice must go to the robust solver.
     """
+    relu = act == 0 and not use_quad
     h, w, scale = _load(
-        Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same, w64, w32
-    )
+        Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same,
+        same or not relu, w64, w32,
+    )  # fmt: skip
     ru = _U(r)
     wp = _U(w) + ru + ru
     b0 = ru + ru * wp
@@ -470,15 +549,14 @@ def fast_slice(
     inv_q = 1.0 / ((2 * r + 1) * (2 * r + 1))
     inv_qf = np.float32(inv_q)
     sw2f = np.float32(sw2)
-    relu = act == 0 and not use_quad
     # spectrum of the 2-D box mean on this slice
     m_hi = max(mu_hi[h] * mu_hi[w], mu_lo[h] * mu_lo[w])
     m_lo = min(mu_lo[h] * mu_hi[w], mu_hi[h] * mu_lo[w])
     msk, s, inv_s, kb, x = w64[_MSK], w64[_S], w64[_INVS], w64[_KB], w64[_X]
-    k1, k0, G, F = w64[_K1], w64[_K0], w64[_G], w64[_F64]
+    k1, k0, F = w64[_K1], w64[_K0], w64[_F64]
     vs64 = w64[_VS64]
     mskf, sf, inv_sf, kbf, xf = w32[_MSKf], w32[_Sf], w32[_INVSf], w32[_KBf], w32[_Xf]
-    k1f, k0f, Gf, Ff = w32[_K1f], w32[_K0f], w32[_Gf], w32[_Ff]
+    k1f, k0f, Ff = w32[_K1f], w32[_K0f], w32[_Ff]
     xa, xb, ta, tb, vsf = w32[_XA], w32[_XB], w32[_TA], w32[_TB], w32[_VSf]
     vx = w64[_VX]
     if same:
@@ -494,13 +572,12 @@ def fast_slice(
     # ---- Newton, float32 evaluations while the residual is large (ReLU)
     prev = math.inf
     if relu and not same:
+        _to32(x, xf, b0, n)
         while evals < MAX_NEWTON:
-            _to32(x, xf, b0, n)
             _relu32(xf, sf, inv_sf, k1f, k0f, b0, n)
-            _box(k1f, Gf, vsf, b0, n, wp, ru, inv_qf)
-            _residual(Ff, Gf, kbf, xf, mskf, sw2f, b0, n)
+            _residual(k1f, Ff, Ff, kbf, xf, mskf, sw2f, vsf, b0, n, wp, ru, inv_qf, False)
             evals += 1
-            rel = np.float64(_amax(Ff, b0, n)) / scale
+            rel = _amax32(Ff, b0, n) / scale
             if not math.isfinite(rel):
                 return False
             if rel > 0.5 * prev:
@@ -513,7 +590,7 @@ def fast_slice(
             m = _cheb_steps(eta, lo, hi)
             d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
             steps += m
-            _add_masked(x, d, msk, b0, n)
+            _add_masked(x, d, msk, xf, b0, n)
             if rel <= SWITCH_F64:
                 break
     # ---- Newton, float64 evaluations
@@ -521,11 +598,11 @@ def fast_slice(
     res_s = math.inf
     while True:
         if relu:
-            _relu64(x, s, inv_s, k1, k0, b0, n, same)
+            _relu64(x, s, inv_s, k1, k0, k0f, b0, n, same)
         else:
             _generic64(act, use_quad, nodes, weights, msk, vx, w64[_VY], x, k1, k0, b0, n)
-        _box(k1, G, vs64, b0, n, wp, ru, inv_q)
-        _residual(F, G, kb, x, msk, sw2, b0, n)
+            _to32(k0, k0f, b0, n)
+        _residual(k1, F, Ff, kb, x, msk, sw2, vs64, b0, n, wp, ru, inv_q, True)
         evals += 1
         rel = _amax(F, b0, n) / scale
         if not math.isfinite(rel):
@@ -536,40 +613,29 @@ def fast_slice(
         if rel > 0.5 * prev or evals >= MAX_NEWTON:
             return False
         prev = rel
-        lo, hi = _spectrum(k0, b0, n, sw2, m_lo, m_hi, True)
+        lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, not relu)
         if not lo > 0.0:
             return False
         eta = min(0.1, max(ETA_MIN, 0.3 * tol / rel, rel))
         m = _cheb_steps(eta, lo, hi)
-        _to32(F, Ff, b0, n)
-        _to32(k0, k0f, b0, n)
         d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
         steps += m
-        _add_masked(x, d, msk, b0, n)
+        _add_masked(x, d, msk, xf, b0, n)
     # ---- Theta*: float32 Chebyshev refined by float64 residuals; k0 is at Sigma*
-    lo, hi = _spectrum(k0, b0, n, sw2, m_lo, m_hi, True)
+    lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, not relu)
     if not lo > 0.0:
         return False
     th, t64 = w64[_TH], w64[_T64]
-    _to32(k0, k0f, b0, n)
     _to32(x, Ff, b0, n)
     m = _cheb_steps(ETA_MIN, lo, hi)
     d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
     steps += m
-    for kk in range(n):
-        p = b0 + kk
-        th[p] = msk[p] * np.float64(d[p])
+    tmax = _theta_update(th, t64, k0, d, msk, b0, n, True)
     prev = math.inf
     res_t = math.inf
     for _ in range(MAX_ROUNDS):
-        for kk in range(n):
-            p = b0 + kk
-            t64[p] = k0[p] * th[p]
-        _box(t64, G, vs64, b0, n, wp, ru, inv_q)
-        for kk in range(n):
-            p = b0 + kk
-            F[p] = msk[p] * (x[p] - (th[p] - sw2 * G[p]))
-        rel = _amax(F, b0, n) / max(_amax(th, b0, n), 1e-300)
+        amax_f = _theta_residual(t64, x, th, msk, sw2, F, Ff, vs64, b0, n, wp, ru, inv_q)
+        rel = amax_f / max(tmax, 1e-300)
         if not math.isfinite(rel):
             return False
         if rel <= tol:
@@ -579,10 +645,9 @@ def fast_slice(
             return False
         prev = rel
         m = _cheb_steps(min(0.1, max(ETA_MIN, 0.3 * tol / rel)), lo, hi)
-        _to32(F, Ff, b0, n)
         d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
         steps += m
-        _add_masked(th, d, msk, b0, n)
+        tmax = _theta_update(th, t64, k0, d, msk, b0, n, False)
     if not res_t <= tol:
         return False
     st = 0.0
@@ -605,7 +670,7 @@ def fast_slice(
 
 
 # ------------------------------------------------------------------ tasks of a tile
-@nb.njit(cache=True, error_model="numpy")
+@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _robust_slice(
     act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, d1, d2, H, W, C, r,
     wr, wc, same, tol, max_iter, m, method, ws, dF, dG, gram, small, out,
@@ -635,7 +700,7 @@ def _robust_slice(
     out[1] = ss
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy")
+@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_CONTRACT)
 def pair_tasks(
     act, use_quad, nodes, weights, sw2, su2, sb2, H, W, r, X, Y, VX, VY, SX, SY, ISX, ISY,
     pi, pj, d1s, d2s, WR, WC, tol, max_iter, m, method, mu_lo, mu_hi, table, t_max, inv_step,
