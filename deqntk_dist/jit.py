@@ -7,8 +7,9 @@ solver is a chain of short vectorisable passes over each slice; on this project'
 faster (``scripts/bench_conv.py``).  :func:`prefer_wide_vectors` drops the tuning flag
 through ``NUMBA_CPU_FEATURES`` before numba builds its code generator.
 
-It changes no result: the vectorised loops neither reassociate nor reorder, so a lane of a
-512-bit loop computes the same bits as one of a 256-bit loop.  The setting is left alone
+It changes no result: the vectorised loops neither reassociate nor contract (fused
+multiply-adds are explicit), so a lane of a 512-bit loop computes the same bits as one of a
+256-bit loop (``tests/test_conv_slices.py`` compares).  The setting is left alone
 when the user set ``NUMBA_CPU_FEATURES`` or ``NUMBA_CPU_NAME`` (or
 ``DEQNTK_WIDE_VECTORS=0``), when the host has no AVX-512, and when numba has already built
 its code generator in this process (it reads the features once).
@@ -46,7 +47,7 @@ def prefer_wide_vectors() -> bool:
     if current is not None:
         return current.endswith(",-prefer-256-bit")
     try:
-        import llvmlite.binding as llvm  # type: ignore[import-untyped]
+        import llvmlite.binding as llvm
 
         features = llvm.get_host_cpu_features().flatten()
     except Exception:  # noqa: BLE001 -- no host information: keep numba's defaults

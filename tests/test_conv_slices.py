@@ -1,5 +1,9 @@
 """Primitives of the Newton-Chebyshev slice solver (deqntk_dist.kernels.conv_slices)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -19,3 +23,42 @@ def test_band_max_is_exact_and_propagates_nan(rng, amax, dtype):
     a[600] = np.nan  # a NaN anywhere in the band is a NaN maximum (the solver's check)
     assert np.isnan(amax(a, np.uint64(500), np.uint64(200)))
     assert amax(a, np.uint64(0), np.uint64(600)) == np.inf
+
+
+_CDEQ_SNIPPET = """
+import sys
+import numpy as np
+from deqntk_dist import CDEQSpec, kernel_matrix
+x = np.random.default_rng(12345).normal(size=(23, 6, 5, 2)).astype(np.float32)
+x[3] = x[1, :, ::-1]
+out = b""
+for extra in ({}, {"readout": "lap", "pool_size": 3, "hflip": True}):
+    k = kernel_matrix(CDEQSpec(sigma_w2=1.2, sigma_u2=1.0, sigma_b2=0.1, **extra), x)
+    out += k.ntk.tobytes() + k.nngp.tobytes()
+sys.stdout.write(out.hex())
+"""
+
+
+@pytest.mark.slow
+def test_slice_bits_do_not_depend_on_numba_cache_or_cpu_tuning(tmp_path):
+    """The same CDEQ Gram, bit for bit, from freshly compiled code, from numba's cache, and
+    from code compiled for a generic x86-64 CPU (no FMA unit: software FMA, no wide
+    vectors).  CI caught a fresh-compile / cache-load mismatch when FMA was left to LLVM's
+    contraction, and dask workers routinely compile or load at different times."""
+    import platform
+
+    def run(cache, **env_extra):
+        drop = ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME", "DEQNTK_WIDE_VECTORS")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env.update(NUMBA_CACHE_DIR=str(tmp_path / cache), **env_extra)
+        out = subprocess.run(
+            [sys.executable, "-c", _CDEQ_SNIPPET], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    fresh = run("a")
+    assert len(fresh) == 2 * 4 * 23 * 23 * 8
+    assert run("a") == fresh  # loaded from the cache the first run wrote
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert run("b", NUMBA_CPU_NAME="generic") == fresh

@@ -38,9 +38,10 @@ the robust solver).
 
 Bitwise reproducibility: a slice's operations depend only on its two images (and their
 self-covariances): fixed loop orders, iteration counts from the slice's own residuals, and
-IEEE arithmetic with fused multiply-adds allowed but no reassociation (``fastmath`` is
-``{"contract"}`` only), so tiles equal the untiled Gram for any tile, batch or thread count
-on a given machine.  A CPU without FMA would round some products differently (by ~1e-16).
+plain IEEE arithmetic (no ``fastmath``: no reassociation, and fused multiply-adds only
+where written, :func:`_fma`), so tiles equal the untiled Gram for any tile, batch or thread
+count, vector width (256- or 512-bit), and whether numba compiled the code or loaded it
+from its cache.  A CPU without an FMA unit computes the same bits (software FMA), slowly.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ import math
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from .conv_solve import (
     _W_TH,
@@ -63,9 +67,29 @@ from .duals import k1k0
 
 __all__ = ["box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
 
-#: Fused multiply-adds allowed (contraction only: no reassociation, so every pass still
-#: computes the same bits for a slice whatever the tile, batch or thread count).
-_CONTRACT = {"contract"}
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (``llvm.fma``), for three floats of one type.
+
+    Written out rather than left to ``fastmath={"contract"}``: whether LLVM contracts a
+    product and a sum depends on how it inlined the code, which differs between a freshly
+    compiled and a cache-loaded function, so contraction made a slice's bits depend on the
+    state of numba's cache.  An explicit FMA rounds the same way wherever it runs (in
+    hardware, or exactly in software on a CPU without FMA).
+    """
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(signature.return_type)
+        name = "llvm.fma.f32" if signature.return_type == types.float32 else "llvm.fma.f64"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
 _U = np.uint64
 _F = np.float32
 _U0, _U1, _U2 = _U(0), _U(1), _U(2)
@@ -144,7 +168,7 @@ def box_eigen_bounds(n_max: int, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------- dual maps
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _relu64(x, s, inv_s, k1, k0, k0f, b0, n, divide):
     """ReLU dual maps at covariances ``x`` (band ``[b0, b0+n)``); ``s = 0`` on pads;
     ``k0f`` receives ``k0`` in float32 (the Chebyshev solves' operator).
@@ -165,14 +189,14 @@ def _relu64(x, s, inv_s, k1, k0, k0f, b0, n, divide):
         a = abs(rho)
         small = a < 0.5
         t = rho * rho if small else 0.5 * (1.0 - a)
-        num = t * (_P0 + t * (_P1 + t * (_P2 + t * (_P3 + t * (_P4 + t * _P5)))))
-        den = 1.0 + t * (_Q1 + t * (_Q2 + t * (_Q3 + t * _Q4)))
+        num = _fma(t, _fma(t, _fma(t, _fma(t, _fma(t, _P5, _P4), _P3), _P2), _P1), _P0) * t
+        den = _fma(t, _fma(t, _fma(t, _fma(t, _Q4, _Q3), _Q2), _Q1), 1.0)
         R = num / den
         z = rho if small else math.sqrt(t)
-        phi = z + z * R
+        phi = _fma(z, R, z)
         u = phi * phi
-        c = 1.0 + u * (_C1 + u * (_C2 + u * (_C3 + u * (_C4 + u * (_C5 + u * (_C6 + u * (
-            _C7 + u * _C8)))))))  # fmt: skip
+        c = _fma(u, _fma(u, _fma(u, _fma(u, _C8, _C7), _C6), _C5), _C4)
+        c = _fma(u, _fma(u, _fma(u, _fma(u, c, _C3), _C2), _C1), 1.0)
         sn = c if small else 2.0 * z * c
         two_phi = phi + phi
         pm = _HALF_PI + phi if small else (_PI - two_phi if rho > 0.0 else two_phi)
@@ -180,10 +204,10 @@ def _relu64(x, s, inv_s, k1, k0, k0f, b0, n, divide):
         k = kq if pos else 0.0
         k0[p] = k
         k0f[p] = np.float32(k)
-        k1[p] = sp * (sn * _INV_2PI + kq * rho)
+        k1[p] = sp * _fma(sn, _INV_2PI, kq * rho)
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _relu32(x, s, inv_s, k1, k0, b0, n):
     """:func:`_relu64` in float32 (early Newton steps)."""
     for kk in range(n):
@@ -193,20 +217,20 @@ def _relu32(x, s, inv_s, k1, k0, b0, n):
         a = abs(rho)
         small = a < _HALFf
         t = rho * rho if small else _HALFf * (_ONEf - a)
-        R = t * (_P0f + t * (_P1f + t * _P2f)) / (_ONEf + t * _Q1f)
+        R = _fma(t, _fma(t, _P2f, _P1f), _P0f) * t / _fma(t, _Q1f, _ONEf)
         z = rho if small else np.sqrt(t)
-        phi = z + z * R
+        phi = _fma(z, R, z)
         u = phi * phi
-        c = _ONEf + u * (_C1f + u * (_C2f + u * (_C3f + u * (_C4f + u * _C5f))))
+        c = _fma(u, _fma(u, _fma(u, _fma(u, _fma(u, _C5f, _C4f), _C3f), _C2f), _C1f), _ONEf)
         sn = c if small else _TWOf * z * c
         two_phi = phi + phi
         pm = _HALF_PIf + phi if small else (_PIf - two_phi if rho > _ZEROf else two_phi)
         kq = pm * _INV_2PIf
         k0[p] = kq if sp > _ZEROf else _ZEROf
-        k1[p] = sp * (sn * _INV_2PIf + kq * rho)
+        k1[p] = sp * _fma(sn, _INV_2PIf, kq * rho)
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
     for kk in range(n):
         p = b0 + kk
@@ -218,7 +242,7 @@ def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
 
 
 # ------------------------------------------------------------------- band primitives
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _box(src, dst, vs, b0, n, wp, r, inv_q):
     """``dst = M src`` on the band: ``2r+1`` rows summed, then ``2r+1`` columns, in order.
 
@@ -250,7 +274,7 @@ def _box(src, dst, vs, b0, n, wp, r, inv_q):
         dst[b0 + k] *= inv_q
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _amax(a, b0, n):
     """max |a| over the band of a float64 array; NaN if any entry is NaN.
 
@@ -264,7 +288,7 @@ def _amax(a, b0, n):
     return np.uint64(m).view(np.float64)
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _amax32(a, b0, n):
     """:func:`_amax` of a float32 array (as a float64)."""
     u = a.view(np.uint32)
@@ -274,7 +298,7 @@ def _amax32(a, b0, n):
     return np.float64(np.uint32(m).view(np.float32))
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _residual(src, F, F32, kb, x, msk, sw2, vs, b0, n, wp, r, inv_q, copy32):
     """``F = msk ((sw2 M src + kb) - x)``, the fixed-point residual ``F(x) - x`` with
     ``src = k1(x)`` (any dtype), in one pass after the vertical sums for ``r = 1``;
@@ -287,59 +311,59 @@ def _residual(src, F, F32, kb, x, msk, sw2, vs, b0, n, wp, r, inv_q, copy32):
         for k in range(n):
             p = b0 + k
             g = ((vs[lo + k] + vs[p]) + vs[p + _U1]) * inv_q
-            F[p] = msk[p] * ((sw2 * g + kb[p]) - x[p])
+            F[p] = msk[p] * (_fma(sw2, g, kb[p]) - x[p])
     else:
         _box(src, F, vs, b0, n, wp, r, inv_q)
         for k in range(n):
             p = b0 + k
-            F[p] = msk[p] * ((sw2 * F[p] + kb[p]) - x[p])
+            F[p] = msk[p] * (_fma(sw2, F[p], kb[p]) - x[p])
     if copy32:
         for k in range(n):
             F32[b0 + k] = np.float32(F[b0 + k])
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _to32(src, dst, b0, n):
     for k in range(n):
         dst[b0 + k] = np.float32(src[b0 + k])
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _add_masked(x, d, msk, xf, b0, n):
     """``x += msk * d`` (float64 ``x``, float32 ``d``) and ``xf = float32(x)``."""
     for k in range(n):
         p = b0 + k
-        v = x[p] + msk[p] * np.float64(d[p])
+        v = _fma(msk[p], np.float64(d[p]), x[p])
         x[p] = v
         xf[p] = np.float32(v)
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _theta_update(th, t64, k0, d, msk, b0, n, first):
     """``th = msk d`` (``first``) or ``th += msk d``, and ``t64 = k0 th``; returns
     ``max |th|``."""
     for k in range(n):
         p = b0 + k
-        v = msk[p] * np.float64(d[p]) if first else th[p] + msk[p] * np.float64(d[p])
+        v = msk[p] * np.float64(d[p]) if first else _fma(msk[p], np.float64(d[p]), th[p])
         th[p] = v
         t64[p] = k0[p] * v
     return _amax(th, b0, n)
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _theta_residual(t64, x, th, msk, sw2, F, Ff, vs, b0, n, wp, r, inv_q):
     """``F = msk (x - (th - sw2 M t64))`` (the residual of the Theta equation at
     ``t64 = k0 th``) and ``Ff = float32(F)``; returns ``max |F|``."""
     _box(t64, F, vs, b0, n, wp, r, inv_q)
     for k in range(n):
         p = b0 + k
-        v = msk[p] * (x[p] - (th[p] - sw2 * F[p]))
+        v = msk[p] * (x[p] - _fma(-sw2, F[p], th[p]))
         F[p] = v
         Ff[p] = np.float32(v)
     return _amax(F, b0, n)
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _spectrum(k0f, b0, n, sw2, m_lo, m_hi, check_sign):
     """Bounds ``(lo, hi)`` of the spectrum of ``I - sw2 M diag(k0f)`` on the slice (``k0f``
     float32, the operator the Chebyshev solves apply), given the box mean's
@@ -355,7 +379,7 @@ def _spectrum(k0f, b0, n, sw2, m_lo, m_hi, check_sign):
     return 1.0 - sw2 * kmax * m_hi, 1.0 - sw2 * kmax * m_lo
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _cheb_steps(eta, lo, hi):
     """Chebyshev steps that reduce the error by ``eta`` on the spectrum ``[lo, hi]``."""
     if hi - lo <= 1e-12 * hi:
@@ -364,7 +388,7 @@ def _cheb_steps(eta, lo, hi):
     return max(1, int(math.ceil(math.acosh(1.0 / eta) / math.acosh(sigma))))
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, hi):
     """Solve ``(I - sw2 M diag(k0)) x = b`` (float32) by ``steps`` Chebyshev steps from 0.
 
@@ -400,8 +424,8 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
                 p = b0 + k
                 q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
                 xk = cur_x[p]
-                res = b[p] - (xk - c * q)
-                xn = xk + c1 * (xk - old_x[p]) + c2 * res
+                res = b[p] - _fma(-c, q, xk)
+                xn = _fma(c2, res, _fma(c1, xk - old_x[p], xk))
                 old_x[p] = xn
                 new_t[p] = k0[p] * xn
         else:
@@ -409,8 +433,8 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
             for k in range(n):
                 p = b0 + k
                 xk = cur_x[p]
-                res = b[p] - (xk - c * (new_t[p] * np.float32(inv_q)))
-                xn = xk + c1 * (xk - old_x[p]) + c2 * res
+                res = b[p] - _fma(-c, new_t[p] * np.float32(inv_q), xk)
+                xn = _fma(c2, res, _fma(c1, xk - old_x[p], xk))
                 old_x[p] = xn
                 new_t[p] = k0[p] * xn
         rho_old = rho
@@ -420,7 +444,7 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
 
 
 # --------------------------------------------------------------------------- a slice
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same,
           need_v, w64, w32):  # fmt: skip
     """Fill the slice inputs (mask, s, 1/s, kb and, when ``need_v``, the self-covariances)
@@ -491,7 +515,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     _box(kxy, kb, w64[_VS64], b0, n, wp, ru, 1.0 / ((2 * r + 1) * (2 * r + 1)))
     for k in range(n):
         p = b0 + k
-        kb[p] = msk[p] * (su2 * kb[p] + sb2)
+        kb[p] = msk[p] * _fma(su2, kb[p], sb2)
     scale = max(max(_amax(s, b0, n), _amax(kb, b0, n)), 1e-300)
     for src, dst in ((_MSK, _MSKf), (_S, _Sf), (_INVS, _INVSf), (_KB, _KBf)):
         _to32(w64[src], w32[dst], b0, n)
@@ -509,7 +533,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     return h, w, scale
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n):
     """Pointwise start ``x = s rho(kb / s)``: the ReLU fixed point with ``M`` taken as the
     identity (exact where the slice is locally uniform, e.g. blank backgrounds).
@@ -524,10 +548,10 @@ def _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n):
         u = math.sqrt(gap) * inv_step
         k = min(int(u), last)
         f = min(u - k, 1.0)
-        x[p] = s[p] * (table[k] + f * (table[k + 1] - table[k]))
+        x[p] = s[p] * _fma(f, table[k + 1] - table[k], table[k])
 
 
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def fast_slice(
     act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj,
     d1, d2, H, W, C, r, wr, wc, same, tol, mu_lo, mu_hi, table, t_max, inv_step, w64, w32,
@@ -670,7 +694,7 @@ def fast_slice(
 
 
 # ------------------------------------------------------------------ tasks of a tile
-@nb.njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, error_model="numpy")
 def _robust_slice(
     act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, d1, d2, H, W, C, r,
     wr, wc, same, tol, max_iter, m, method, ws, dF, dG, gram, small, out,
@@ -700,7 +724,7 @@ def _robust_slice(
     out[1] = ss
 
 
-@nb.njit(cache=True, parallel=True, error_model="numpy", fastmath=_CONTRACT)
+@nb.njit(cache=True, parallel=True, error_model="numpy")
 def pair_tasks(
     act, use_quad, nodes, weights, sw2, su2, sb2, H, W, r, X, Y, VX, VY, SX, SY, ISX, ISY,
     pi, pj, d1s, d2s, WR, WC, tol, max_iter, m, method, mu_lo, mu_hi, table, t_max, inv_step,
