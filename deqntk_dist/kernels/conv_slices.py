@@ -50,9 +50,6 @@ import math
 
 import numba as nb
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
 from .conv_solve import (
     _W_TH,
@@ -64,30 +61,10 @@ from .conv_solve import (
     _solve_slice,
 )
 from .duals import k1k0
+from .intrinsics import borrow as _borrow
+from .intrinsics import fma as _fma
 
 __all__ = ["box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """``a * b + c`` rounded once (``llvm.fma``), for three floats of one type.
-
-    Written out rather than left to ``fastmath={"contract"}``: whether LLVM contracts a
-    product and a sum depends on how it inlined the code, which differs between a freshly
-    compiled and a cache-loaded function, so contraction made a slice's bits depend on the
-    state of numba's cache.  An explicit FMA rounds the same way wherever it runs (in
-    hardware, or exactly in software on a CPU without FMA).
-    """
-    if not (isinstance(a, types.Float) and a == b == c):
-        return None
-
-    def codegen(context, builder, signature, args):
-        ty = context.get_value_type(signature.return_type)
-        name = "llvm.fma.f32" if signature.return_type == types.float32 else "llvm.fma.f64"
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
-        return builder.call(fn, args)
-
-    return a(a, b, c), codegen
 
 
 _U = np.uint64
@@ -724,6 +701,12 @@ def _robust_slice(
     out[1] = ss
 
 
+@nb.njit(cache=True)
+def _alive(*arrays):
+    """Nothing: a use of the arrays, which numba keeps alive until this call."""
+    return None
+
+
 @nb.njit(cache=True, parallel=True, error_model="numpy")
 def pair_tasks(
     act, use_quad, nodes, weights, sw2, su2, sb2, H, W, r, X, Y, VX, VY, SX, SY, ISX, ISY,
@@ -752,14 +735,24 @@ def pair_tasks(
     # (fresh memory per task costs page faults and cold caches: 1.5x on gap tiles); every
     # array a solve reads it writes first, so the chunking cannot change any bits
     n_chunks = max(1, min(n_tasks, 8 * threads))
+    # borrowed views (no reference counting, see .intrinsics): the arguments live for the
+    # call, the workspaces until their last use after the loop
+    X, Y, VX, VY = _borrow(X), _borrow(Y), _borrow(VX), _borrow(VY)
+    SX, SY, ISX, ISY = _borrow(SX), _borrow(SY), _borrow(ISX), _borrow(ISY)
+    WR, WC, out = _borrow(WR), _borrow(WC), _borrow(out)
+    nodes, weights, table = _borrow(nodes), _borrow(weights), _borrow(table)
+    mu_lo, mu_hi = _borrow(mu_lo), _borrow(mu_hi)
     for c in nb.prange(n_chunks):
-        w64 = np.empty((ROWS64, L))
-        w32 = np.empty((ROWS32, L), dtype=np.float32)
-        ws = np.empty((WORKSPACE_ROWS, P + 2 * r * H))
-        dF = np.empty((mm, P))
-        dG = np.empty((mm, P))
-        gram = np.zeros((mm, mm))
-        small = np.empty((mm + 2, mm))
+        own64 = np.empty((ROWS64, L))
+        own32 = np.empty((ROWS32, L), dtype=np.float32)
+        own_ws = np.empty((WORKSPACE_ROWS, P + 2 * r * H))
+        own_dF = np.empty((mm, P))
+        own_dG = np.empty((mm, P))
+        own_gram = np.zeros((mm, mm))
+        own_small = np.empty((mm + 2, mm))
+        w64, w32, ws = _borrow(own64), _borrow(own32), _borrow(own_ws)
+        dF, dG = _borrow(own_dF), _borrow(own_dG)
+        gram, small = _borrow(own_gram), _borrow(own_small)
         for t in range(c, n_tasks, n_chunks):
             a = pi[t // n_off]
             b = pj[t // n_off]
@@ -781,3 +774,4 @@ def pair_tasks(
                 d2, H, W, C, r, WR[o], WC[o], same, tol, max_iter, m, method, ws, dF, dG,
                 gram, small, row,
             )  # fmt: skip
+        _alive(own64, own32, own_ws, own_dF, own_dG, own_gram, own_small)
