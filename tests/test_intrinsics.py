@@ -55,7 +55,7 @@ def _local_owner(n):
     total = 0.0
     for k in range(view.shape[0]):
         total += view[k]
-    return total
+    return total + own[0]  # a use of the owner after the view's: it lives until here
 
 
 def test_borrowed_views_read_and_write_the_same_memory(rng):
