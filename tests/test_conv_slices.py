@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from deqntk_dist.kernels.conv_slices import _amax, _amax32
+from deqntk_dist.kernels.conv_slices import (
+    ALIGN,
+    _aligned_rows,
+    _amax,
+    _amax32,
+    _band_start,
+    slice_length,
+)
 
 
 @pytest.mark.parametrize(("amax", "dtype"), [(_amax, np.float64), (_amax32, np.float32)])
@@ -23,6 +30,24 @@ def test_band_max_is_exact_and_propagates_nan(rng, amax, dtype):
     a[600] = np.nan  # a NaN anywhere in the band is a NaN maximum (the solver's check)
     assert np.isnan(amax(a, np.uint64(500), np.uint64(200)))
     assert amax(a, np.uint64(0), np.uint64(600)) == np.inf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_workspace_rows_are_aligned_and_hold_every_slice(dtype):
+    for H, W, r in ((1, 1, 1), (28, 28, 1), (32, 32, 1), (7, 5, 2), (9, 30, 3)):
+        L = slice_length(H, W, r)
+        assert L % ALIGN == 0
+        for _ in range(5):  # the heap offset varies between allocations
+            rows, owner = _aligned_rows(3, L, dtype)
+            assert rows.shape == (3, L) and rows.dtype == dtype
+            assert all(rows[i].ctypes.data % 64 == 0 for i in range(3))
+            assert np.shares_memory(rows, owner)
+        for h in range(1, H + 1):  # every slice's band and its zero rows fit the row
+            for w in range(1, W + 1):
+                wp = w + 2 * r
+                b0 = int(_band_start(np.uint64(r), np.uint64(wp)))
+                assert b0 % ALIGN == 0 and b0 >= r + r * wp
+                assert b0 + h * wp + r * wp + r <= L
 
 
 _CDEQ_SNIPPET = """

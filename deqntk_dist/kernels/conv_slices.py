@@ -25,7 +25,8 @@ Layout
 ------
 A slice of ``h x w`` pixels and box radius ``r`` is stored flat and row-major with ``r``
 zero rows above and below, ``r`` pad columns on each side (row stride ``wp = w + 2r``) and
-``r`` spare entries at each end.  Passes run over whole padded rows (the *band* of interior
+``r`` spare entries at each end; the first band entry is rounded up to a 64-byte boundary
+and workspace rows start on one.  Passes run over whole padded rows (the *band* of interior
 rows), so every loop is one contiguous unsigned-index loop that LLVM vectorises.  Pad
 columns may hold finite garbage: the mask (1 inside, 0 on pads) removes it wherever it
 could reach the interior, and the arrays a box mean reads are zero there.
@@ -117,10 +118,36 @@ ROWS64 = 14
 ROWS32 = 13
 
 
+#: Band starts and workspace rows are multiples of this many entries (64 bytes in float32):
+#: 512-bit loads and stores then do not straddle cache lines (a Chebyshev step on a 28x28
+#: slice takes 195 ns aligned, 250 ns not).
+ALIGN = 16
+
+
 @nb.njit(cache=True)
 def slice_length(H: int, W: int, r: int) -> int:
-    """Workspace row length for slices of an ``H x W`` image with box radius ``r``."""
-    return (H + 2 * r) * (W + 2 * r) + 2 * r
+    """Workspace row length for slices of an ``H x W`` image with box radius ``r`` (a
+    multiple of :data:`ALIGN`)."""
+    need = (H + 2 * r) * (W + 2 * r) + 2 * r + ALIGN - 1
+    return (need + ALIGN - 1) // ALIGN * ALIGN
+
+
+@nb.njit(cache=True)
+def _band_start(ru, wp):
+    """First band entry: after ``r`` zero rows and ``r`` spare entries, rounded up to a
+    multiple of :data:`ALIGN`."""
+    return (ru + ru * wp + _U(ALIGN - 1)) // _U(ALIGN) * _U(ALIGN)
+
+
+@nb.njit(cache=True)
+def _aligned_rows(rows, L, dtype):
+    """``(rows, L)`` array whose rows start on 64-byte boundaries (``L`` a multiple of
+    :data:`ALIGN`), and the buffer that owns it."""
+    item = np.empty(1, dtype=dtype).itemsize
+    per = 64 // item
+    buf = np.empty(rows * L + per, dtype=dtype)
+    off = (-(buf.ctypes.data % 64) % 64) // item
+    return buf[off : off + rows * L].reshape(rows, L), buf
 
 
 def box_eigen_bounds(n_max: int, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +466,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     ru = _U(r)
     wu = _U(w)
     wp = wu + ru + ru
-    b0 = ru + ru * wp
+    b0 = _band_start(ru, wp)
     n = _U(h) * wp
     N = b0 + n + ru * wp + ru
     msk, s, inv_s, kxy = w64[_MSK], w64[_S], w64[_INVS], w64[_KXY]
@@ -545,7 +572,7 @@ def fast_slice(
     )  # fmt: skip
     ru = _U(r)
     wp = _U(w) + ru + ru
-    b0 = ru + ru * wp
+    b0 = _band_start(ru, wp)
     n = _U(h) * wp
     inv_q = 1.0 / ((2 * r + 1) * (2 * r + 1))
     inv_qf = np.float32(inv_q)
@@ -743,14 +770,14 @@ def pair_tasks(
     nodes, weights, table = _borrow(nodes), _borrow(weights), _borrow(table)
     mu_lo, mu_hi = _borrow(mu_lo), _borrow(mu_hi)
     for c in nb.prange(n_chunks):
-        own64 = np.empty((ROWS64, L))
-        own32 = np.empty((ROWS32, L), dtype=np.float32)
+        ws64, own64 = _aligned_rows(ROWS64, L, np.float64)
+        ws32, own32 = _aligned_rows(ROWS32, L, np.float32)
         own_ws = np.empty((WORKSPACE_ROWS, P + 2 * r * H))
         own_dF = np.empty((mm, P))
         own_dG = np.empty((mm, P))
         own_gram = np.zeros((mm, mm))
         own_small = np.empty((mm + 2, mm))
-        w64, w32, ws = _borrow(own64), _borrow(own32), _borrow(own_ws)
+        w64, w32, ws = _borrow(ws64), _borrow(ws32), _borrow(own_ws)
         dF, dG = _borrow(own_dF), _borrow(own_dG)
         gram, small = _borrow(own_gram), _borrow(own_small)
         for t in range(c, n_tasks, n_chunks):
