@@ -24,12 +24,13 @@ Method
 Layout
 ------
 A slice of ``h x w`` pixels and box radius ``r`` is stored flat and row-major with ``r``
-zero rows above and below, ``r`` pad columns on each side (row stride ``wp = w + 2r``) and
-``r`` spare entries at each end; the first band entry is rounded up to a 64-byte boundary
-and workspace rows start on one.  Passes run over whole padded rows (the *band* of interior
-rows), so every loop is one contiguous unsigned-index loop that LLVM vectorises.  Pad
-columns may hold finite garbage: the mask (1 inside, 0 on pads) removes it wherever it
-could reach the interior, and the arrays a box mean reads are zero there.
+zero rows above and below and ``r`` pad columns before each row (row stride ``wp = w + r``:
+a row's right pads are the next row's left pads, which a box of radius ``r`` reads from
+both sides), and ``r`` spare entries at each end; the first band entry is rounded up to a
+64-byte boundary and workspace rows start on one.  Passes run over whole padded rows (the
+*band* of interior rows), so every loop is one contiguous unsigned-index loop that LLVM
+vectorises.  Pad columns may hold finite garbage: the mask (1 inside, 0 on pads) removes
+it wherever it could reach the interior, and the arrays a box mean reads are zero there.
 
 Passes are fused where one loop can do the work of several (the box mean with the
 residual and its float32 copy, the update of ``x`` with its float32 copy, the Theta update
@@ -465,7 +466,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     w = W - abs(d2)
     ru = _U(r)
     wu = _U(w)
-    wp = wu + ru + ru
+    wp = wu + ru
     b0 = _band_start(ru, wp)
     n = _U(h) * wp
     N = b0 + n + ru * wp + ru
@@ -476,8 +477,8 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     inv_c = 1.0 / C
     for u in range(h):
         base = b0 + _U(u) * wp + ru
-        # the r right pads of row u - 1 and the r left pads of row u are contiguous
-        for k in range(base - ru - ru, base):
+        # the r pads before row u are also the right pads of row u - 1
+        for k in range(base - ru, base):
             msk[k] = 0.0
             s[k] = 0.0
             inv_s[k] = 0.0
@@ -509,7 +510,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
                 p = base + v
                 s[p] = vx[p]
                 inv_s[p] = 1.0 / vx[p] if vx[p] > 0.0 else 0.0
-    for k in range(b0 + n - ru, b0 + n + ru):  # right pads of the last row (and beyond)
+    for k in range(b0 + n, b0 + n + ru):  # right pads of the last row
         msk[k] = 0.0
         s[k] = 0.0
         inv_s[k] = 0.0
@@ -571,7 +572,7 @@ def fast_slice(
         same or not relu, w64, w32,
     )  # fmt: skip
     ru = _U(r)
-    wp = _U(w) + ru + ru
+    wp = _U(w) + ru
     b0 = _band_start(ru, wp)
     n = _U(h) * wp
     inv_q = 1.0 / ((2 * r + 1) * (2 * r + 1))
