@@ -246,6 +246,21 @@ def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
             k0[p] = 0.0
 
 
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _vsum3(src, vs, b0, n, wp):
+    """``vs[p] = (src[p - wp] + src[p]) + src[p + wp]`` for ``p`` in ``[b0 - 1, b0 + n]``
+    (radius-1 vertical sums); the main loop starts at the aligned ``b0``, so that its
+    stores and one of its loads stay within cache lines."""
+    lo = b0 - _U1
+    vs[lo] = (src[lo - wp] + src[lo]) + src[lo + wp]
+    top = b0 - wp
+    bot = b0 + wp
+    for k in range(n):
+        vs[b0 + k] = (src[top + k] + src[b0 + k]) + src[bot + k]
+    e = b0 + n
+    vs[e] = (src[e - wp] + src[e]) + src[e + wp]
+
+
 # ------------------------------------------------------------------- band primitives
 @nb.njit(cache=True, error_model="numpy")
 def _box(src, dst, vs, b0, n, wp, r, inv_q):
@@ -258,8 +273,7 @@ def _box(src, dst, vs, b0, n, wp, r, inv_q):
     m = n + r + r
     top = lo - r * wp
     if r == 1:
-        for k in range(m):
-            vs[lo + k] = (src[top + k] + src[lo + k]) + src[lo + wp + k]
+        _vsum3(src, vs, b0, n, wp)
         for k in range(n):
             dst[b0 + k] = ((vs[lo + k] + vs[b0 + k]) + vs[b0 + _U1 + k]) * inv_q
         return
@@ -310,9 +324,7 @@ def _residual(src, F, F32, kb, x, msk, sw2, vs, b0, n, wp, r, inv_q, copy32):
     ``F32 = float32(F)`` when ``copy32``."""
     if r == 1:
         lo = b0 - _U1
-        top = lo - wp
-        for k in range(n + _U2):
-            vs[lo + k] = (src[top + k] + src[lo + k]) + src[lo + wp + k]
+        _vsum3(src, vs, b0, n, wp)
         for k in range(n):
             p = b0 + k
             g = ((vs[lo + k] + vs[p]) + vs[p + _U1]) * inv_q
@@ -412,7 +424,6 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
     cur_x, old_x, cur_t, new_t = xa, xb, ta, tb
     c = np.float32(sw2 * inv_q) if r == 1 else np.float32(sw2)
     lo_b = b0 - r
-    top = lo_b - r * wp
     for it in range(steps):
         if it == 0:
             rho = 1.0 / sigma
@@ -423,8 +434,7 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
             c1 = np.float32(rho * rho_old)
             c2 = np.float32(2.0 * rho / delta)
         if r == 1:
-            for k in range(n + _U2):
-                vs[lo_b + k] = (cur_t[top + k] + cur_t[lo_b + k]) + cur_t[lo_b + wp + k]
+            _vsum3(cur_t, vs, b0, n, wp)
             for k in range(n):
                 p = b0 + k
                 q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
