@@ -500,6 +500,12 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
         if C == 1:
             for v in range(wu):
                 kxy[base + v] = Xi[xi0 + v, 0] * Yj[yj0 + v, 0]
+        elif C == 3:  # the general loop's sum, unrolled (colour images), so that it vectorises
+            for v in range(wu):
+                i = xi0 + v
+                j = yj0 + v
+                acc = ((0.0 + Xi[i, 0] * Yj[j, 0]) + Xi[i, 1] * Yj[j, 1]) + Xi[i, 2] * Yj[j, 2]
+                kxy[base + v] = acc * inv_c
         else:
             for v in range(wu):
                 acc = 0.0
