@@ -87,3 +87,38 @@ def test_slice_bits_do_not_depend_on_numba_cache_or_cpu_tuning(tmp_path):
     assert run("a") == fresh  # loaded from the cache the first run wrote
     if platform.machine() in ("x86_64", "AMD64"):
         assert run("b", NUMBA_CPU_NAME="generic") == fresh
+
+
+@pytest.mark.parametrize("sigma_w2", [0.5, 1.0, 1.5, 1.8, 1.95])
+def test_polynomial_start_is_the_pointwise_fixed_point(rng, sigma_w2):
+    """The start x = s rho(kb / s) solves the pointwise ReLU fixed point rho - sw2 f(rho) = t
+    (f the normalised arc-cosine map), by the polynomial where it applies and the table
+    beyond; checked against a bracketing root finder on random t in [-1, 1]."""
+    from scipy.optimize import brentq
+
+    from deqntk_dist.kernels.conv import _relu_start_table
+    from deqntk_dist.kernels.conv_slices import _initial
+
+    table, t_max, inv_step, poly, u_poly = _relu_start_table(sigma_w2)
+    if sigma_w2 <= 1.5:  # the polynomial covers t >= -0.75 at these weights
+        assert u_poly >= np.sqrt(t_max + 0.75)
+
+    def f(rho):
+        th = np.arccos(np.clip(rho, -1.0, 1.0))
+        return (np.sin(th) + (np.pi - th) * np.cos(th)) / (2.0 * np.pi)
+
+    n = 400
+    t = np.concatenate([rng.uniform(-1.0, 1.0, n - 4), [-1.0, 0.0, t_max, 1.0]])
+    s = rng.uniform(0.5, 2.0, n)
+    x = np.full(n + 2, np.nan)
+    x[[0, -1]] = 7.0  # outside the band: untouched
+    pad = np.zeros(1)
+    _initial(x, np.concatenate([pad, s, pad]), np.concatenate([pad, 1.0 / s, pad]),
+             np.concatenate([pad, t * s, pad]), table, t_max, inv_step, poly, u_poly,
+             np.uint64(1), np.uint64(n))  # fmt: skip
+    assert x[0] == 7.0 and x[-1] == 7.0
+    ref = np.array(
+        [brentq(lambda r, ti=ti: r - sigma_w2 * f(r) - ti, -1.0, 1.0, xtol=1e-15)
+         if ti < t_max else 1.0 for ti in t]
+    )  # fmt: skip
+    np.testing.assert_allclose(x[1:-1] / s, ref, rtol=0, atol=2e-6)

@@ -38,6 +38,7 @@ and their self-covariances, never on the tile, the batch or the thread count.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache, partial
 
 import numba as nb
@@ -46,10 +47,10 @@ import numpy as np
 from ..errors import InputError
 from ..spec import CDEQSpec
 from .common import KernelResult, raise_failures
-from .conv_slices import box_eigen_bounds, pair_tasks
+from .conv_slices import START_DEGREE, box_eigen_bounds, pair_tasks
 from .conv_solve import WORKSPACE_ROWS, reduce_pairs, self_covariances
 from .duals import ACTIVATION_IDS, gauss_hermite, uses_quadrature
-from .fc import relu_inverse_table
+from .fc import relu_inverse_table, relu_table_values
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -208,7 +209,7 @@ def slice_tasks(inputs, plan, pi, pj, *, tol, max_iter, history, method) -> np.n
     H, W, r = shape
     act, use_quad, nodes, weights = activation
     mu_lo, mu_hi = bounds
-    table, t_max, inv_step = start
+    table, t_max, inv_step, poly, u_poly = start
     out = np.empty((pi.shape[0] * d1s.shape[0], 6))
     pair_tasks(
         act,
@@ -244,6 +245,8 @@ def slice_tasks(inputs, plan, pi, pj, *, tol, max_iter, history, method) -> np.n
         table,
         t_max,
         inv_step,
+        poly,
+        u_poly,
         nb.get_num_threads(),
         out,
     )
@@ -308,12 +311,47 @@ def _roots(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=16)
-def _relu_start_table(sigma_w2: float) -> tuple[np.ndarray, float, float]:
-    """Correlation of the pointwise ReLU fixed point on the FC kernel's ``u`` grid."""
-    if not sigma_w2 < 2.0:
-        return np.zeros(2), 0.0, 0.0  # not ReLU-admissible: only other activations get here
+def _relu_start_table(sigma_w2: float) -> tuple[np.ndarray, float, float, np.ndarray, float]:
+    """Correlation of the pointwise ReLU fixed point: ``(table, t_max, inv_step, poly,
+    u_poly)``, the table on the FC kernel's ``u`` grid and a polynomial for ``u <= u_poly``
+    (see :func:`.conv_slices._initial`)."""
+    if not sigma_w2 < 2.0:  # not ReLU-admissible: only other activations get here
+        return np.zeros(2), 0.0, 0.0, np.zeros(START_DEGREE + 1), 0.0
     u_step, t_max, theta = relu_inverse_table(sigma_w2)
-    return np.cos(theta), t_max, 1.0 / u_step
+    poly, u_poly = _relu_start_poly(sigma_w2, t_max)
+    return np.cos(theta), t_max, 1.0 / u_step, poly, u_poly
+
+
+#: Largest error of the polynomial start.  A start needs no more: a slice's first Newton
+#: step (a float32 evaluation and a solve to ``max(rel, 1e-5)``) removes such an error, and
+#: the other slices start 10^4-10^5 times farther from their fixed point.
+_START_POLY_ERROR = 1e-6
+
+
+def _relu_start_poly(sigma_w2: float, t_max: float) -> tuple[np.ndarray, float]:
+    """Monomial coefficients in ``z = 2 u / u_poly - 1`` of the start correlation
+    ``cos theta(u)``, interpolated at Chebyshev points on ``u`` in ``[0, u_poly]``, with
+    ``u_poly`` the widest of a few ranges ``t >= t_lo`` on which the polynomial is within
+    :data:`_START_POLY_ERROR` of the exact value on a fine grid (``u_poly = 0``: none is,
+    the table serves every pixel).  Near ``t = -1`` (correlation -1) the correlation has
+    a square-root point that no polynomial follows."""
+    z = np.linspace(-1.0, 1.0, 4001)
+    nodes = np.cos(np.pi * (np.arange(START_DEGREE + 1) + 0.5) / (START_DEGREE + 1))
+    for t_lo in (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5):
+        if not t_lo < t_max:
+            break
+        u_poly = math.sqrt(t_max - t_lo)
+
+        def rho(z: np.ndarray, u_poly: float = u_poly) -> np.ndarray:
+            u = 0.5 * (z + 1.0) * u_poly
+            return np.cos(relu_table_values(t_max - u * u, sigma_w2))
+
+        cheb = np.polynomial.chebyshev.chebfit(nodes, rho(nodes), START_DEGREE)
+        coef = np.polynomial.chebyshev.cheb2poly(cheb)
+        approx = np.polynomial.polynomial.polyval(z, coef)
+        if np.max(np.abs(approx - rho(z))) <= _START_POLY_ERROR:
+            return coef, u_poly
+    return np.zeros(START_DEGREE + 1), 0.0
 
 
 def default_tol(out) -> float:

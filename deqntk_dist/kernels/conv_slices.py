@@ -66,7 +66,7 @@ from .duals import k1k0
 from .intrinsics import borrow as _borrow
 from .intrinsics import fma as _fma
 
-__all__ = ["box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
+__all__ = ["START_DEGREE", "box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
 
 
 _U = np.uint64
@@ -402,7 +402,15 @@ def _cheb_steps(eta, lo, hi):
     if hi - lo <= 1e-12 * hi:
         return 1
     sigma = (hi + lo) / (hi - lo)
-    return max(1, int(math.ceil(math.acosh(1.0 / eta) / math.acosh(sigma))))
+    # the least m with T_m(sigma) = cosh(m acosh(sigma)) >= 1/eta, by the three-term
+    # recurrence (a few flops per step instead of two calls to acosh)
+    target = 1.0 / eta
+    t_old, t = 1.0, sigma
+    for m in range(1, 64):
+        if t >= target:
+            return m
+        t_old, t = t, 2.0 * sigma * t - t_old
+    return max(64, int(math.ceil(math.acosh(target) / math.acosh(sigma))))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -554,29 +562,56 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     return h, w, scale
 
 
+#: Degree of the polynomial start (:func:`_initial`); ``poly`` holds its 13 coefficients.
+START_DEGREE = 12
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _start_poly(z, a):
+    """``sum_k a[k] z^k`` (``k <= START_DEGREE``) by Horner's rule, unrolled."""
+    p = a[START_DEGREE]
+    for k in range(START_DEGREE - 1, -1, -1):
+        p = _fma(p, z, a[k])
+    return p
+
+
 @nb.njit(cache=True, error_model="numpy")
-def _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n):
+def _initial(x, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n):
     """Pointwise start ``x = s rho(kb / s)``: the ReLU fixed point with ``M`` taken as the
     identity (exact where the slice is locally uniform, e.g. blank backgrounds).
 
-    ``table`` holds ``rho`` at ``u = sqrt(t_max - t)`` on a uniform grid (linear
-    interpolation: only a starting point).
+    ``rho`` is a function of ``u = sqrt(t_max - t)``: for ``u <= u_poly`` a polynomial in
+    ``z = 2 u / u_poly - 1`` (``poly``, ascending; a vectorised pass), beyond it (and for
+    every pixel when ``u_poly = 0``) linear interpolation in ``table``, held at
+    ``u = k / inv_step`` (a scalar look-up pass, run only when some pixel needs it).
     """
-    last = table.shape[0] - 2
-    for kk in range(n):
+    over = 0
+    if u_poly > 0.0:
+        zs = 2.0 / u_poly
+        for kk in range(n):
+            p = b0 + kk
+            u = math.sqrt(max(t_max - kb[p] * inv_s[p], 0.0))
+            x[p] = s[p] * _start_poly(_fma(u, zs, -1.0), poly)
+            over += u > u_poly
+        if over == 0:
+            return
+    last = _U(table.shape[0] - 2)
+    for kk in range(n):  # unsigned index: u >= 0, clamped to the table
         p = b0 + kk
-        gap = max(t_max - kb[p] * inv_s[p], 0.0)
-        u = math.sqrt(gap) * inv_step
-        k = min(int(u), last)
-        f = min(u - k, 1.0)
-        x[p] = s[p] * _fma(f, table[k + 1] - table[k], table[k])
+        u = math.sqrt(max(t_max - kb[p] * inv_s[p], 0.0))
+        if u > u_poly or u_poly == 0.0:
+            g = u * inv_step
+            k = min(_U(g), last)
+            f = min(g - np.float64(k), 1.0)
+            t0 = table[k]
+            x[p] = s[p] * _fma(f, table[k + _U1] - t0, t0)
 
 
 @nb.njit(cache=True, error_model="numpy")
 def fast_slice(
     act, use_quad, nodes, weights, sw2, su2, sb2, Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj,
-    d1, d2, H, W, C, r, wr, wc, same, tol, mu_lo, mu_hi, table, t_max, inv_step, w64, w32,
-    out,
+    d1, d2, H, W, C, r, wr, wc, same, tol, mu_lo, mu_hi, table, t_max, inv_step, poly, u_poly,
+    w64, w32, out,
 ):  # fmt: skip
     """Sigma* and Theta* on one offset slice; ``out = (sum w Theta, sum w Sigma, residual,
     nonlinear evaluations, Chebyshev steps)`` with the separable readout weights
@@ -608,7 +643,7 @@ def fast_slice(
         for k in range(n):
             x[b0 + k] = vx[b0 + k]
     elif relu:
-        _initial(x, s, inv_s, kb, table, t_max, inv_step, b0, n)
+        _initial(x, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n)
     else:
         for k in range(n):
             x[b0 + k] = kb[b0 + k]
@@ -695,17 +730,24 @@ def fast_slice(
         tmax = _theta_update(th, t64, k0, d, msk, b0, n, False)
     if not res_t <= tol:
         return False
-    st = 0.0
-    ss = 0.0
+    # readout sum_v wc[v] sum_u wr[u] (.)[u, v]: the row weights applied along the rows
+    # (vector operations over v), then one short sum over the columns
+    ct, cs = F, vs64  # scratch rows now
+    wu = _U(w)
+    for v in range(wu):
+        ct[v] = 0.0
+        cs[v] = 0.0
     for u in range(h):
         base = b0 + _U(u) * wp + ru
-        rt = 0.0
-        rs = 0.0
-        for v in range(w):
-            rt += wc[v] * th[base + _U(v)]
-            rs += wc[v] * x[base + _U(v)]
-        st += wr[u] * rt
-        ss += wr[u] * rs
+        wr_u = wr[u]
+        for v in range(wu):
+            ct[v] = _fma(wr_u, th[base + v], ct[v])
+            cs[v] = _fma(wr_u, x[base + v], cs[v])
+    st = 0.0
+    ss = 0.0
+    for v in range(wu):
+        st = _fma(wc[v], ct[v], st)
+        ss = _fma(wc[v], cs[v], ss)
     out[0] = st
     out[1] = ss
     out[2] = max(res_s, res_t)
@@ -755,14 +797,15 @@ def _alive(*arrays):
 def pair_tasks(
     act, use_quad, nodes, weights, sw2, su2, sb2, H, W, r, X, Y, VX, VY, SX, SY, ISX, ISY,
     pi, pj, d1s, d2s, WR, WC, tol, max_iter, m, method, mu_lo, mu_hi, table, t_max, inv_step,
-    threads, out,
+    poly, u_poly, threads, out,
 ):  # fmt: skip
     """prange over (pair, offset) tasks: ``out[t] = (sum w Theta, sum w Sigma, residual,
     nonlinear evaluations, linear iterations, robust)``.
 
     X, Y: (n, H*W, C); VX, VY: (n, H*W) self-covariances, SX, SY their square roots and
-    ISX, ISY the reciprocals of those (0 where v = 0); ``table``, ``t_max``, ``inv_step``:
-    the ReLU start (:func:`_initial`); ``threads``: numba's current thread count;
+    ISX, ISY the reciprocals of those (0 where v = 0); ``table``, ``t_max``, ``inv_step``,
+    ``poly``, ``u_poly``: the ReLU start (:func:`_initial`); ``threads``: numba's current
+    thread count;
     task ``t`` is the pair ``(pi[t // n_off], pj[t // n_off])`` at offset
     ``(d1s[o], d2s[o])``, ``o = t % n_off``, read out with the weights ``WR[o, :h]`` (rows)
     and ``WC[o, :w]`` (columns).  ``method``: 0 the Newton-Chebyshev solver of this module
@@ -785,6 +828,7 @@ def pair_tasks(
     SX, SY, ISX, ISY = _borrow(SX), _borrow(SY), _borrow(ISX), _borrow(ISY)
     WR, WC, out = _borrow(WR), _borrow(WC), _borrow(out)
     nodes, weights, table = _borrow(nodes), _borrow(weights), _borrow(table)
+    poly = _borrow(poly)
     mu_lo, mu_hi = _borrow(mu_lo), _borrow(mu_hi)
     for c in nb.prange(n_chunks):
         ws64, own64 = _aligned_rows(ROWS64, L, np.float64)
@@ -809,7 +853,7 @@ def pair_tasks(
             if method == 0 and fast_slice(
                 act, use_quad, nodes, weights, sw2, su2, sb2, X[a], Y[b], VX[a], VY[b],
                 SX[a], SY[b], ISX[a], ISY[b], d1, d2, H, W, C, r, WR[o], WC[o], same, tol,
-                mu_lo, mu_hi, table, t_max, inv_step, w64, w32, row,
+                mu_lo, mu_hi, table, t_max, inv_step, poly, u_poly, w64, w32, row,
             ):  # fmt: skip
                 continue
             row[5] = 1.0 if method == 0 else 0.0

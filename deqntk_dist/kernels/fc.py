@@ -34,6 +34,7 @@ __all__ = [
     "fc_kernel",
     "finite_depth_kernel",
     "relu_inverse_table",
+    "relu_table_values",
 ]
 
 MAX_ITER = 100
@@ -92,7 +93,7 @@ def relu_inverse_table(sigma_w2: float) -> tuple[float, float, np.ndarray]:
     """
     t_max = 1.0 - sigma_w2 / 2.0
     u = np.linspace(0.0, math.sqrt(t_max + 1.0), _TABLE_SIZE)
-    theta = _relu_table_values(t_max - u * u, sigma_w2)
+    theta = relu_table_values(t_max - u * u, sigma_w2)
     theta.setflags(write=False)
     return float(u[1] - u[0]), t_max, theta
 
@@ -105,7 +106,9 @@ def _h_theta(theta, sw2):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _relu_table_values(t, sw2):
+def relu_table_values(t, sw2):
+    """Angle ``theta`` with ``h(cos theta) = t`` for each ``t`` (shape (m,)), by bisection
+    to the last bit (see :func:`relu_inverse_table`)."""
     out = np.empty(t.shape[0])
     for i in range(t.shape[0]):
         # h(cos theta) decreases in theta on [0, pi]: bisection to the last bit
