@@ -420,11 +420,11 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
     Three-term recurrence on the true residual ``b - J x_k`` (Saad, Alg. 12.1); the box
     inputs ``t = k0 x`` are kept for the next step.  ``ta``/``tb`` must be zero on the pad
     rows.  Returns the array (``xa`` or ``xb``) that holds the solution.
+
+    The first two steps are the general step with the zeros of the start substituted
+    (``x_0 = t_0 = 0``: ``x_1 = fma(c2, b, 0)``; ``x_1 - x_0 = x_1``), which computes the
+    same bits without zeroing ``xa``, ``xb``, ``ta`` or summing the zero box input.
     """
-    for k in range(n):
-        xa[b0 + k] = _ZEROf
-        xb[b0 + k] = _ZEROf
-        ta[b0 + k] = _ZEROf
     theta = 0.5 * (hi + lo)
     delta = 0.5 * (hi - lo)
     sigma = theta / delta if delta > 0.0 else 1e300
@@ -441,23 +441,40 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
             rho = 1.0 / (2.0 * sigma - rho_old)
             c1 = np.float32(rho * rho_old)
             c2 = np.float32(2.0 * rho / delta)
-        if r == 1:
-            _vsum3(cur_t, vs, b0, n, wp)
+        if it == 0:  # x = t = 0: res = b
             for k in range(n):
                 p = b0 + k
-                q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
-                xk = cur_x[p]
-                res = b[p] - _fma(-c, q, xk)
-                xn = _fma(c2, res, _fma(c1, xk - old_x[p], xk))
+                xn = _fma(c2, b[p], _ZEROf)
                 old_x[p] = xn
                 new_t[p] = k0[p] * xn
+        elif r == 1:
+            _vsum3(cur_t, vs, b0, n, wp)
+            if it == 1:  # old x = 0
+                for k in range(n):
+                    p = b0 + k
+                    q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
+                    xk = cur_x[p]
+                    res = b[p] - _fma(-c, q, xk)
+                    xn = _fma(c2, res, _fma(c1, xk, xk))
+                    old_x[p] = xn
+                    new_t[p] = k0[p] * xn
+            else:
+                for k in range(n):
+                    p = b0 + k
+                    q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
+                    xk = cur_x[p]
+                    res = b[p] - _fma(-c, q, xk)
+                    xn = _fma(c2, res, _fma(c1, xk - old_x[p], xk))
+                    old_x[p] = xn
+                    new_t[p] = k0[p] * xn
         else:
             _box(cur_t, new_t, vs, b0, n, wp, r, _ONEf)  # new_t <- M t (then overwritten)
             for k in range(n):
                 p = b0 + k
                 xk = cur_x[p]
                 res = b[p] - _fma(-c, new_t[p] * np.float32(inv_q), xk)
-                xn = _fma(c2, res, _fma(c1, xk - old_x[p], xk))
+                xo = xk if it == 1 else xk - old_x[p]
+                xn = _fma(c2, res, _fma(c1, xo, xk))
                 old_x[p] = xn
                 new_t[p] = k0[p] * xn
         rho_old = rho
