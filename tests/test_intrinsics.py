@@ -7,7 +7,7 @@ import numba as nb
 import numpy as np
 import pytest
 
-from deqntk_dist.kernels.intrinsics import borrow, fma
+from deqntk_dist.kernels.intrinsics import abs_bits, borrow, fma, from_bits
 
 
 @nb.njit
@@ -74,3 +74,29 @@ def test_borrowed_views_read_and_write_the_same_memory(rng):
 def test_borrow_rejects_non_arrays():
     with pytest.raises(nb.core.errors.TypingError):
         nb.njit(lambda x: borrow(x))(1.0)
+
+
+@nb.njit
+def _abs_bits_max(a):
+    m = abs_bits(a[0])
+    for k in range(a.shape[0]):
+        m = max(m, abs_bits(a[k]))
+    return m, from_bits(m)
+
+
+@pytest.mark.parametrize(("dtype", "utype"), [(np.float32, np.uint32), (np.float64, np.uint64)])
+def test_abs_bits_order_like_magnitudes(rng, dtype, utype):
+    a = (rng.standard_normal(3000) * 10.0 ** rng.integers(-30, 30, 3000)).astype(dtype)
+    a[:4] = (-0.0, np.finfo(dtype).tiny / 4, -np.finfo(dtype).max, 0.0)
+    bits, value = _abs_bits_max(a)
+    assert value == np.abs(a).max() and bits == np.abs(a).max().view(utype)
+    ret = _abs_bits_max.nopython_signatures[-1].return_type  # (uint of the width, the float)
+    assert [str(t) for t in ret] == [np.dtype(utype).name, np.dtype(dtype).name]
+    # the integer order of the bits is the order of the magnitudes, everywhere
+    order = np.argsort(np.abs(a), kind="stable")
+    ub = np.array([int(np.abs(x).view(utype)) for x in a])
+    assert np.all(np.diff(ub[order]) >= 0)
+    a[1234] = -np.inf
+    assert _abs_bits_max(a)[1] == np.inf
+    a[77] = -np.nan  # a NaN anywhere: the maximum is NaN
+    assert np.isnan(_abs_bits_max(a)[1])

@@ -63,8 +63,10 @@ from .conv_solve import (
     _solve_slice,
 )
 from .duals import k1k0
+from .intrinsics import abs_bits as _abs_bits
 from .intrinsics import borrow as _borrow
 from .intrinsics import fma as _fma
+from .intrinsics import from_bits as _from_bits
 
 __all__ = ["START_DEGREE", "box_eigen_bounds", "fast_slice", "pair_tasks", "slice_length"]
 
@@ -181,7 +183,9 @@ def _relu64(x, s, inv_s, k1, k0, k0f, b0, n, divide):
     One square root and one division per pixel: ``phi = asin(z)`` by the fdlibm rational,
     ``sin(theta)`` as ``cos(phi)`` (or ``2 z cos(phi)``) by its Taylor polynomial.
     ``divide`` computes the correlation as ``x / s`` (identical images: exactly 1).
+    Returns ``max k0f`` (as a float64; NaN if any ``k0`` is).
     """
+    m = np.uint32(0)
     for kk in range(n):
         p = b0 + kk
         sp = s[p]
@@ -208,13 +212,17 @@ def _relu64(x, s, inv_s, k1, k0, k0f, b0, n, divide):
         kq = pm * _INV_2PI
         k = kq if pos else 0.0
         k0[p] = k
-        k0f[p] = np.float32(k)
+        kf = np.float32(k)
+        k0f[p] = kf
+        m = max(m, _abs_bits(kf))
         k1[p] = sp * _fma(sn, _INV_2PI, kq * rho)
+    return np.float64(_from_bits(m))
 
 
 @nb.njit(cache=True, error_model="numpy")
 def _relu32(x, s, inv_s, k1, k0, b0, n):
-    """:func:`_relu64` in float32 (early Newton steps)."""
+    """:func:`_relu64` in float32 (early Newton steps); returns ``max k0``."""
+    m = np.uint32(0)
     for kk in range(n):
         p = b0 + kk
         sp = s[p]
@@ -231,8 +239,11 @@ def _relu32(x, s, inv_s, k1, k0, b0, n):
         two_phi = phi + phi
         pm = _HALF_PIf + phi if small else (_PIf - two_phi if rho > _ZEROf else two_phi)
         kq = pm * _INV_2PIf
-        k0[p] = kq if sp > _ZEROf else _ZEROf
+        kf = kq if sp > _ZEROf else _ZEROf
+        k0[p] = kf
+        m = max(m, _abs_bits(kf))
         k1[p] = sp * _fma(sn, _INV_2PIf, kq * rho)
+    return np.float64(_from_bits(m))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -321,22 +332,29 @@ def _amax32(a, b0, n):
 def _residual(src, F, F32, kb, x, msk, sw2, vs, b0, n, wp, r, inv_q, copy32):
     """``F = msk ((sw2 M src + kb) - x)``, the fixed-point residual ``F(x) - x`` with
     ``src = k1(x)`` (any dtype), in one pass after the vertical sums for ``r = 1``;
-    ``F32 = float32(F)`` when ``copy32``."""
+    ``F32 = float32(F)`` when ``copy32``.  Returns ``max |F|`` (as a float64; NaN if any
+    entry is)."""
+    m = _abs_bits(sw2 - sw2)  # zero bits of F's width
     if r == 1:
         lo = b0 - _U1
         _vsum3(src, vs, b0, n, wp)
         for k in range(n):
             p = b0 + k
             g = ((vs[lo + k] + vs[p]) + vs[p + _U1]) * inv_q
-            F[p] = msk[p] * (_fma(sw2, g, kb[p]) - x[p])
+            v = msk[p] * (_fma(sw2, g, kb[p]) - x[p])
+            F[p] = v
+            m = max(m, _abs_bits(v))
     else:
         _box(src, F, vs, b0, n, wp, r, inv_q)
         for k in range(n):
             p = b0 + k
-            F[p] = msk[p] * (_fma(sw2, F[p], kb[p]) - x[p])
+            v = msk[p] * (_fma(sw2, F[p], kb[p]) - x[p])
+            F[p] = v
+            m = max(m, _abs_bits(v))
     if copy32:
         for k in range(n):
             F32[b0 + k] = np.float32(F[b0 + k])
+    return np.float64(_from_bits(m))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -359,12 +377,14 @@ def _add_masked(x, d, msk, xf, b0, n):
 def _theta_update(th, t64, k0, d, msk, b0, n, first):
     """``th = msk d`` (``first``) or ``th += msk d``, and ``t64 = k0 th``; returns
     ``max |th|``."""
+    m = _U0
     for k in range(n):
         p = b0 + k
         v = msk[p] * np.float64(d[p]) if first else _fma(msk[p], np.float64(d[p]), th[p])
         th[p] = v
         t64[p] = k0[p] * v
-    return _amax(th, b0, n)
+        m = max(m, _abs_bits(v))
+    return _from_bits(m)
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -372,27 +392,30 @@ def _theta_residual(t64, x, th, msk, sw2, F, Ff, vs, b0, n, wp, r, inv_q):
     """``F = msk (x - (th - sw2 M t64))`` (the residual of the Theta equation at
     ``t64 = k0 th``) and ``Ff = float32(F)``; returns ``max |F|``."""
     _box(t64, F, vs, b0, n, wp, r, inv_q)
+    m = _U0
     for k in range(n):
         p = b0 + k
         v = msk[p] * (x[p] - _fma(-sw2, F[p], th[p]))
         F[p] = v
         Ff[p] = np.float32(v)
-    return _amax(F, b0, n)
+        m = max(m, _abs_bits(v))
+    return _from_bits(m)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _spectrum(k0f, b0, n, sw2, m_lo, m_hi, check_sign):
+def _spectrum(k0f, b0, n, sw2, m_lo, m_hi, check_sign, kmax):
     """Bounds ``(lo, hi)`` of the spectrum of ``I - sw2 M diag(k0f)`` on the slice (``k0f``
     float32, the operator the Chebyshev solves apply), given the box mean's
-    ``[m_lo, m_hi]``; ``lo <= 0`` (or ``k0f < 0`` when ``check_sign``, for activations
-    whose ``k0`` may be negative) means the Chebyshev solves do not apply."""
+    ``[m_lo, m_hi]`` and ``kmax = max |k0f|`` (the ReLU dual maps return it); ``lo <= 0``
+    (or ``k0f < 0`` when ``check_sign``, for activations whose ``k0`` may be negative, for
+    which this function takes ``kmax`` itself) means the Chebyshev solves do not apply."""
     if check_sign:
         kmin = _ZEROf
         for k in range(n):
             kmin = min(kmin, k0f[b0 + k])
         if kmin < _ZEROf:
             return -1.0, 1.0  # indefinite Jacobian: Anderson in the robust solver
-    kmax = _amax32(k0f, b0, n)
+        kmax = _amax32(k0f, b0, n)
     return 1.0 - sw2 * kmax * m_hi, 1.0 - sw2 * kmax * m_lo
 
 
@@ -666,21 +689,22 @@ def fast_slice(
             x[b0 + k] = kb[b0 + k]
     evals = 0
     steps = 0
+    kmax = 0.0  # max k0f, from the ReLU dual maps (other activations: _spectrum takes it)
     # ---- Newton, float32 evaluations while the residual is large (ReLU)
     prev = math.inf
     if relu and not same:
         _to32(x, xf, b0, n)
         while evals < MAX_NEWTON:
-            _relu32(xf, sf, inv_sf, k1f, k0f, b0, n)
-            _residual(k1f, Ff, Ff, kbf, xf, mskf, sw2f, vsf, b0, n, wp, ru, inv_qf, False)
+            kmax = _relu32(xf, sf, inv_sf, k1f, k0f, b0, n)
+            amax = _residual(k1f, Ff, Ff, kbf, xf, mskf, sw2f, vsf, b0, n, wp, ru, inv_qf, False)
             evals += 1
-            rel = _amax32(Ff, b0, n) / scale
+            rel = amax / scale
             if not math.isfinite(rel):
                 return False
             if rel > 0.5 * prev:
                 break  # float32 no longer helps: evaluate in float64
             prev = rel
-            lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, False)
+            lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, False, kmax)
             if not lo > 0.0:
                 return False
             eta = min(0.1, max(ETA_MIN, rel))
@@ -695,13 +719,13 @@ def fast_slice(
     res_s = math.inf
     while True:
         if relu:
-            _relu64(x, s, inv_s, k1, k0, k0f, b0, n, same)
+            kmax = _relu64(x, s, inv_s, k1, k0, k0f, b0, n, same)
         else:
             _generic64(act, use_quad, nodes, weights, msk, vx, w64[_VY], x, k1, k0, b0, n)
             _to32(k0, k0f, b0, n)
-        _residual(k1, F, Ff, kb, x, msk, sw2, vs64, b0, n, wp, ru, inv_q, True)
+        amax = _residual(k1, F, Ff, kb, x, msk, sw2, vs64, b0, n, wp, ru, inv_q, True)
         evals += 1
-        rel = _amax(F, b0, n) / scale
+        rel = amax / scale
         if not math.isfinite(rel):
             return False
         if rel <= tol:
@@ -710,7 +734,7 @@ def fast_slice(
         if rel > 0.5 * prev or evals >= MAX_NEWTON:
             return False
         prev = rel
-        lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, not relu)
+        lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, not relu, kmax)
         if not lo > 0.0:
             return False
         eta = min(0.1, max(ETA_MIN, 0.3 * tol / rel, rel))
@@ -719,7 +743,7 @@ def fast_slice(
         steps += m
         _add_masked(x, d, msk, xf, b0, n)
     # ---- Theta*: float32 Chebyshev refined by float64 residuals; k0 is at Sigma*
-    lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, not relu)
+    lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, not relu, kmax)
     if not lo > 0.0:
         return False
     th, t64 = w64[_TH], w64[_T64]

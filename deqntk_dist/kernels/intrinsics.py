@@ -1,4 +1,5 @@
-"""Two numba intrinsics of the compiled slice solver: an explicit FMA and a borrowed view.
+"""numba intrinsics of the compiled slice solver: an explicit FMA, a borrowed view and
+the bits of a float.
 
 * :func:`fma` rounds ``a * b + c`` once wherever it runs, so the bits of a polynomial or a
   recurrence line do not depend on the compiler's contraction choices.
@@ -8,6 +9,10 @@
   a few dozen calls, that was 28 % of a gap pair's time on one thread, and with two threads
   the counts of the shared image arrays bounce a cache line between the cores.  A borrowed
   view has a null ``meminfo``, so numba's increments and decrements of it return at once.
+* :func:`abs_bits` and :func:`from_bits` reinterpret a float's bits as an unsigned integer
+  and back.  The magnitude bits of an IEEE number order it like its absolute value (NaN
+  above inf), so an integer maximum of them is an exact ``max |x|`` that vectorises (a
+  floating-point maximum does not without fast-math flags) and is NaN if any ``x`` is.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["borrow", "fma"]
+__all__ = ["abs_bits", "borrow", "fma", "from_bits"]
 
 
 @intrinsic
@@ -62,3 +67,32 @@ def borrow(typingctx, arr):
         return view._getvalue()
 
     return arr(arr), codegen
+
+
+@intrinsic
+def abs_bits(typingctx, x):
+    """The bits of ``|x|``: an unsigned integer of the float's width (uint32 for float32,
+    uint64 for float64) with the sign bit cleared."""
+    if not isinstance(x, types.Float) or x not in (types.float32, types.float64):
+        return None
+    width = 32 if x == types.float32 else 64
+    uint = types.uint32 if width == 32 else types.uint64
+
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], ir.IntType(width))
+        return builder.and_(bits, ir.Constant(ir.IntType(width), (1 << (width - 1)) - 1))
+
+    return uint(x), codegen
+
+
+@intrinsic
+def from_bits(typingctx, u):
+    """The float whose bits are ``u`` (float32 for uint32, float64 for uint64)."""
+    if u not in (types.uint32, types.uint64):
+        return None
+    flt = types.float32 if u == types.uint32 else types.float64
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(flt))
+
+    return flt(u), codegen
