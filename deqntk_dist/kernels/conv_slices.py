@@ -257,6 +257,7 @@ def _generic64(act, use_quad, nodes, weights, msk, vx, vy, x, k1, k0, b0, n):
             k0[p] = 0.0
 
 
+# ------------------------------------------------------------------- band primitives
 @nb.njit(cache=True, error_model="numpy", inline="always")
 def _vsum3(src, vs, b0, n, wp):
     """``vs[p] = (src[p - wp] + src[p]) + src[p + wp]`` for ``p`` in ``[b0 - 1, b0 + n]``
@@ -272,7 +273,6 @@ def _vsum3(src, vs, b0, n, wp):
     vs[e] = (src[e - wp] + src[e]) + src[e + wp]
 
 
-# ------------------------------------------------------------------- band primitives
 @nb.njit(cache=True, error_model="numpy")
 def _box(src, dst, vs, b0, n, wp, r, inv_q):
     """``dst = M src`` on the band: ``2r+1`` rows summed, then ``2r+1`` columns, in order.
