@@ -472,7 +472,7 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
                 new_t[p] = k0[p] * xn
         elif r == 1:
             _vsum3(cur_t, vs, b0, n, wp)
-            if it == 1:  # old x = 0
+            if it == 1:  # old x = 0 (a loop of its own: a select in the loop would not vectorise)
                 for k in range(n):
                     p = b0 + k
                     q = (vs[lo_b + k] + vs[p]) + vs[p + _U1]
@@ -492,14 +492,22 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
                     new_t[p] = k0[p] * xn
         else:
             _box(cur_t, new_t, vs, b0, n, wp, r, _ONEf)  # new_t <- M t (then overwritten)
-            for k in range(n):
-                p = b0 + k
-                xk = cur_x[p]
-                res = b[p] - _fma(-c, new_t[p] * np.float32(inv_q), xk)
-                xo = xk if it == 1 else xk - old_x[p]
-                xn = _fma(c2, res, _fma(c1, xo, xk))
-                old_x[p] = xn
-                new_t[p] = k0[p] * xn
+            if it == 1:  # old x = 0
+                for k in range(n):
+                    p = b0 + k
+                    xk = cur_x[p]
+                    res = b[p] - _fma(-c, new_t[p] * np.float32(inv_q), xk)
+                    xn = _fma(c2, res, _fma(c1, xk, xk))
+                    old_x[p] = xn
+                    new_t[p] = k0[p] * xn
+            else:
+                for k in range(n):
+                    p = b0 + k
+                    xk = cur_x[p]
+                    res = b[p] - _fma(-c, new_t[p] * np.float32(inv_q), xk)
+                    xn = _fma(c2, res, _fma(c1, xk - old_x[p], xk))
+                    old_x[p] = xn
+                    new_t[p] = k0[p] * xn
         rho_old = rho
         cur_x, old_x = old_x, cur_x
         cur_t, new_t = new_t, cur_t
