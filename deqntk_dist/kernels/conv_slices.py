@@ -74,7 +74,6 @@ __all__ = ["START_DEGREE", "box_eigen_bounds", "fast_slice", "pair_tasks", "slic
 _U = np.uint64
 _F = np.float32
 _U0, _U1, _U2 = _U(0), _U(1), _U(2)
-_ABS64, _ABS32 = _U(0x7FFFFFFFFFFFFFFF), np.uint32(0x7FFFFFFF)
 
 # fdlibm asin rational approximation (see conv_solve): asin(z) = z + z R(z^2), |z| <= 0.5
 _PS = (
@@ -306,26 +305,21 @@ def _box(src, dst, vs, b0, n, wp, r, inv_q):
 
 @nb.njit(cache=True, error_model="numpy")
 def _amax(a, b0, n):
-    """max |a| over the band of a float64 array; NaN if any entry is NaN.
-
-    The magnitude bits of an IEEE number order it like its absolute value (NaN above
-    inf), so an unsigned integer max, which vectorises, is exact and propagates NaN.
-    """
-    u = a.view(np.uint64)
+    """max |a| over the band of a float64 array; NaN if any entry is NaN (an integer
+    maximum of magnitude bits, :func:`.intrinsics.abs_bits`: exact, and it vectorises)."""
     m = _U0
     for k in range(n):
-        m = max(m, u[b0 + k] & _ABS64)
-    return np.uint64(m).view(np.float64)
+        m = max(m, _abs_bits(a[b0 + k]))
+    return _from_bits(m)
 
 
 @nb.njit(cache=True, error_model="numpy")
 def _amax32(a, b0, n):
     """:func:`_amax` of a float32 array (as a float64)."""
-    u = a.view(np.uint32)
     m = np.uint32(0)
     for k in range(n):
-        m = max(m, u[b0 + k] & _ABS32)
-    return np.float64(np.uint32(m).view(np.float32))
+        m = max(m, _abs_bits(a[b0 + k]))
+    return np.float64(_from_bits(m))
 
 
 @nb.njit(cache=True, error_model="numpy")
