@@ -9,8 +9,10 @@ import pytest
 
 from deqntk_dist.kernels.conv_slices import (
     ALIGN,
+    QUANTUM,
     _aligned_rows,
     _amax32,
+    _band_length,
     _band_start,
     slice_length,
 )
@@ -45,8 +47,10 @@ def test_workspace_rows_are_aligned_and_hold_every_slice(dtype):
             for w in range(1, W + 1):
                 wp = w + 2 * r
                 b0 = int(_band_start(np.uint64(r), np.uint64(wp)))
+                n = int(_band_length(h, np.uint64(wp)))
                 assert b0 % ALIGN == 0 and b0 >= r + r * wp
-                assert b0 + h * wp + r * wp + r <= L
+                assert n % QUANTUM == 0 and h * wp <= n < h * wp + QUANTUM
+                assert b0 + n + r * wp + r <= L
 
 
 _CDEQ_SNIPPET = """
