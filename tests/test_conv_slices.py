@@ -116,10 +116,12 @@ def test_polynomial_start_is_the_pointwise_fixed_point(rng, sigma_w2):
     x = np.full(n + 2, np.nan)
     x[[0, -1]] = 7.0  # outside the band: untouched
     pad = np.zeros(1)
-    _initial(x, np.concatenate([pad, s, pad]), np.concatenate([pad, 1.0 / s, pad]),
+    xf = np.full(n + 2, np.nan, np.float32)
+    _initial(x, xf, np.concatenate([pad, s, pad]), np.concatenate([pad, 1.0 / s, pad]),
              np.concatenate([pad, t * s, pad]), table, t_max, inv_step, poly, u_poly,
              np.uint64(1), np.uint64(n))  # fmt: skip
-    assert x[0] == 7.0 and x[-1] == 7.0
+    assert x[0] == 7.0 and x[-1] == 7.0 and np.isnan(xf[[0, -1]]).all()
+    assert np.array_equal(xf[1:-1], x[1:-1].astype(np.float32))  # its float32 copy
     ref = np.array(
         [brentq(lambda r, ti=ti: r - sigma_w2 * f(r) - ti, -1.0, 1.0, xtol=1e-15)
          if ti < t_max else 1.0 for ti in t]

@@ -644,9 +644,10 @@ def _start_poly(z, a):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _initial(x, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n):
+def _initial(x, xf, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n):
     """Pointwise start ``x = s rho(kb / s)``: the ReLU fixed point with ``M`` taken as the
-    identity (exact where the slice is locally uniform, e.g. blank backgrounds).
+    identity (exact where the slice is locally uniform, e.g. blank backgrounds), and
+    ``xf = float32(x)``.
 
     ``rho`` is a function of ``u = sqrt(t_max - t)``: for ``u <= u_poly`` a polynomial in
     ``z = 2 u / u_poly - 1`` (``poly``, ascending; a vectorised pass), beyond it (and for
@@ -659,7 +660,9 @@ def _initial(x, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n):
         for kk in range(n):
             p = b0 + kk
             u = math.sqrt(max(t_max - kb[p] * inv_s[p], 0.0))
-            x[p] = s[p] * _start_poly(_fma(u, zs, -1.0), poly)
+            v = s[p] * _start_poly(_fma(u, zs, -1.0), poly)
+            x[p] = v
+            xf[p] = np.float32(v)
             over += u > u_poly
         if over == 0:
             return
@@ -672,7 +675,9 @@ def _initial(x, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n):
             k = min(_U(g), last)
             f = min(g - np.float64(k), 1.0)
             t0 = table[k]
-            x[p] = s[p] * _fma(f, table[k + _U1] - t0, t0)
+            v = s[p] * _fma(f, table[k + _U1] - t0, t0)
+            x[p] = v
+            xf[p] = np.float32(v)
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -709,21 +714,23 @@ def fast_slice(
     k1f, k0f, Ff = w32[_K1f], w32[_K0f], w32[_Ff]
     xa, xb, ta, tb, vsf = w32[_XA], w32[_XB], w32[_TA], w32[_TB], w32[_VSf]
     vx = w64[_VX]
+    # x and xf = float32(x) from here on (the Newton updates write both)
     if same:
         for k in range(n):
             x[b0 + k] = vx[b0 + k]
+            xf[b0 + k] = np.float32(vx[b0 + k])
     elif relu:
-        _initial(x, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n)
+        _initial(x, xf, s, inv_s, kb, table, t_max, inv_step, poly, u_poly, b0, n)
     else:
         for k in range(n):
             x[b0 + k] = kb[b0 + k]
+            xf[b0 + k] = kbf[b0 + k]
     evals = 0
     steps = 0
     kmax = 0.0  # max k0f, from the ReLU dual maps (other activations: _spectrum takes it)
     # ---- Newton, float32 evaluations while the residual is large (ReLU)
     prev = math.inf
     if relu and not same:
-        _to32(x, xf, b0, n)
         while evals < MAX_NEWTON:
             kmax = _relu32(xf, sf, inv_sf, k1f, k0f, b0, n)
             amax = _residual(k1f, Ff, Ff, kbf, xf, mskf, sw2f, vsf, b0, n, wp, ru, inv_qf, False)
@@ -777,9 +784,8 @@ def fast_slice(
     if not lo > 0.0:
         return False
     th, t64 = w64[_TH], w64[_T64]
-    _to32(x, Ff, b0, n)
     m = _cheb_steps(ETA_MIN, lo, hi)
-    d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
+    d = _chebyshev(k0f, xf, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
     steps += m
     tmax = _theta_update(th, t64, k0, d, msk, b0, n, True)
     prev = math.inf
