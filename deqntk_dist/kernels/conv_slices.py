@@ -109,6 +109,9 @@ _ZEROf, _HALFf, _ONEf, _TWOf, _MONEf = _F(0.0), _F(0.5), _F(1.0), _F(2.0), _F(-1
 SWITCH_F64 = 3e-3
 #: Smallest relative accuracy asked of one float32 Chebyshev solve.
 ETA_MIN = 1e-5
+#: Relative residual a Newton step from a float32 evaluation cannot go below (the
+#: evaluation's own rounding): its inner solve is asked for no more than this.
+F32_FLOOR = 1e-7
 #: Largest number of Newton steps (float32 + float64) and of refinement rounds for Theta.
 MAX_NEWTON = 40
 MAX_ROUNDS = 12
@@ -744,7 +747,7 @@ def fast_slice(
             lo, hi = _spectrum(k0f, b0, n, sw2, m_lo, m_hi, False, kmax)
             if not lo > 0.0:
                 return False
-            eta = min(0.1, max(ETA_MIN, rel))
+            eta = min(0.1, max(ETA_MIN, rel, F32_FLOOR / rel))
             m = _cheb_steps(eta, lo, hi)
             d = _chebyshev(k0f, Ff, xa, xb, ta, tb, vsf, b0, n, wp, ru, inv_q, sw2, m, lo, hi)
             steps += m
