@@ -172,3 +172,41 @@ def test_slice_results_do_not_depend_on_the_slice_solved_before(rng, readout, ex
         one = conv.slice_tasks(inp, plan, pi[q : q + 1], pj[q : q + 1], **kw)
         assert np.array_equal(one.reshape(n_off, 6), ref[q])
     assert not np.array_equal(ref[..., 0], 0.0)
+
+
+def test_relu_dual_maps_match_the_closed_form(rng):
+    """The float64 and float32 ReLU dual maps of the slice solver (asin polynomials, cos
+    Taylor series) against numpy's arccos: k0 = acos(-rho) / 2pi,
+    k1 = s (sqrt(1 - rho^2) + rho acos(-rho)) / 2pi; pads (s = 0) give zeros."""
+    from deqntk_dist.kernels.conv_slices import _relu32, _relu64
+
+    def closed_form(rho, s):
+        theta_c = np.arccos(-rho)  # pi - theta, accurate near rho = -1
+        k0 = np.where(s > 0, theta_c / (2 * np.pi), 0.0)
+        return k0, s * (np.sqrt((1 - rho) * (1 + rho)) + rho * theta_c) / (2 * np.pi)
+
+    special = [-1.0, -0.5, 0.0, 0.5, 1.0, 1e-300, -1e-17, 0.3]
+    special += list(np.nextafter([-0.5, 0.5, -1.0, 1.0], 0.0))
+    n = 4000
+    rho = np.concatenate([rng.uniform(-1.0, 1.0, n - len(special)), special])
+    s = rng.uniform(0.5, 2.0, n)
+    s[-1] = 0.0  # a pad
+    inv_s = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), 0.0)
+    x = rho * s
+    # at the correlation the map sees (x / s: rounding x moves rho near +-1, where k0 has a
+    # square-root end)
+    k0_ref, k1_ref = closed_form(np.clip(x / np.where(s > 0, s, 1.0), -1.0, 1.0), s)
+    k1, k0, k0f = np.empty(n), np.empty(n), np.empty(n, np.float32)
+    m = _relu64(x, s, inv_s, k1, k0, k0f, np.uint64(0), np.uint64(n), True)
+    assert np.abs(k0 - k0_ref).max() <= 2.3e-16 and np.abs(k1 - k1_ref).max() <= 1e-15
+    assert np.array_equal(k0f, k0.astype(np.float32)) and m == np.abs(k0f).max()
+    assert k0[-1] == 0.0 and k1[-1] == 0.0
+    # float32: against the closed form at the correlation its rounded inputs give
+    x32, s32, is32 = x.astype(np.float32), s.astype(np.float32), inv_s.astype(np.float32)
+    k1f, k0f32 = np.empty(n, np.float32), np.empty(n, np.float32)
+    m32 = _relu32(x32, s32, is32, k1f, k0f32, np.uint64(0), np.uint64(n))
+    rho32 = np.clip(x32.astype(np.float64) * is32, -1.0, 1.0)
+    k0_32, k1_32 = closed_form(rho32, s32.astype(np.float64))
+    ok = np.abs(rho32) < 0.999  # away from the square-root ends, where rounding rho matters
+    assert np.abs(k0f32 - k0_32)[ok].max() <= 3e-7 and np.abs(k1f - k1_32)[ok].max() <= 1e-6
+    assert np.abs(k0f32 - k0_32).max() <= 1e-4 and m32 == np.abs(k0f32).max()
