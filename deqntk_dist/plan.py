@@ -40,12 +40,13 @@ TILES_PER_WORKER = 8
 TILE_ALIGN = 512
 #: Wall time a CDEQ tile should take on one core (a lost worker then loses minutes).
 TARGET_TILE_SECONDS = 600.0
-#: CDEQ cost on one core: seconds per pixel pair, and per offset slice on top.  Twice the
-#: rates fitted to ``scripts/bench_conv.py`` (2026-12-07, float32-store tolerance,
-#: sigma_w2 = 1.5, 28x28x1 flatten, lap5 and gap: 1.7e-8 and 3.2e-6), for real images
-#: (Fashion-MNIST ran 1.2-1.5x slower than the synthetic ones) and slower cores.
+#: CDEQ cost on one core: seconds per pixel pair, and per offset slice on top.  About twice
+#: the rates fitted to ``scripts/bench_conv.py`` (2026-12-07, commit 1830b10, float32-store
+#: tolerance, sigma_w2 = 1.5, 28x28x1 flatten, lap5 and gap per CPU-second: 1.78e-8 and
+#: 1.56e-6, within 1.3 % of all three), for real images (Fashion-MNIST ran 1.2-1.5x slower
+#: than the synthetic ones) and slower cores.
 PIXEL_PAIR_SECONDS = 3.5e-8
-SLICE_SECONDS = 6e-6
+SLICE_SECONDS = 3e-6
 #: Peak worker bytes per tile entry: float64 Gram + ntk + nngp + residual scratch
 #: (4 x 8 bytes) plus the cast and transposed store copies of two kernels (4 x 4 bytes).
 BYTES_PER_TILE_ENTRY = 48

@@ -17,7 +17,7 @@ sigma_u2=0.8, sigma_b2=0.1 (as the earlier benchmark).
 
 Usage::
 
-    python scripts/bench_conv.py                 # 5 rounds, ~5 minutes on 2 cores
+    python scripts/bench_conv.py                 # 7 rounds, ~2 minutes on 2 cores
     python scripts/bench_conv.py --quick         # smoke run
     python scripts/bench_conv.py --json out.json
 """
@@ -252,10 +252,10 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("cases", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--baseline", default="3bab065", help="git ref of the previous version")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--flatten-side", type=int, default=64, help="pairs = side^2")
     ap.add_argument("--lap-side", type=int, default=8)
-    ap.add_argument("--gap-side", type=int, default=4)
+    ap.add_argument("--gap-side", type=int, default=6)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--json", help="also write the rows and medians to this file")
     args = ap.parse_args(argv)
