@@ -888,7 +888,7 @@ def _chunk_task(c, j, n_chunks, n_off, n_pairs, by_offset):
     """Offset and pair ``(o, q)`` of the ``j``-th task of chunk ``c``.
 
     Tasks of one offset run back to back (the slice shape, hence the loop trip counts and
-    the shape-only workspace entries, repeat: 10 % faster on gap tiles): with many offsets
+    the shape-only workspace entries, repeat: 1.2x on gap tiles): with many offsets
     (``by_offset``) chunk ``c`` takes offsets ``c, c + n_chunks, ...``, each for every pair;
     otherwise every ``n_chunks``-th task of the offset-major order.
     """
