@@ -527,6 +527,17 @@ def _chebyshev(k0, b, xa, xb, ta, tb, vs, b0, n, wp, r, inv_q, sw2, steps, lo, h
 
 
 # --------------------------------------------------------------------------- a slice
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _zero_pads(msk, s, inv_s, vx, vy, lo, hi):
+    """Zero the per-pixel slice inputs on the pad entries ``[lo, hi)``."""
+    for k in range(lo, hi):
+        msk[k] = 0.0
+        s[k] = 0.0
+        inv_s[k] = 0.0
+        vx[k] = 0.0
+        vy[k] = 0.0
+
+
 @nb.njit(cache=True, error_model="numpy")
 def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, same,
           need_v, fresh, w64, w32):  # fmt: skip
@@ -562,12 +573,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
     for u in range(h):
         base = b0 + _U(u) * wp + ru
         if fresh:  # the r pads before row u are also the right pads of row u - 1
-            for k in range(base - ru, base):
-                msk[k] = 0.0
-                s[k] = 0.0
-                inv_s[k] = 0.0
-                vx[k] = 0.0
-                vy[k] = 0.0
+            _zero_pads(msk, s, inv_s, vx, vy, base - ru, base)
             for v in range(wu):
                 msk[base + v] = 1.0
         xi0 = _U((a0 + u) * W + c0)
@@ -601,12 +607,7 @@ def _load(Xi, Yj, vxi, vyj, sxi, syj, isxi, isyj, d1, d2, H, W, C, r, su2, sb2, 
                 s[p] = vx[p]
                 inv_s[p] = 1.0 / vx[p] if vx[p] > 0.0 else 0.0
     if fresh:  # the right pads of the last row and the band's own padding
-        for k in range(b0 + nh, b0 + max(n, nh + ru)):
-            msk[k] = 0.0
-            s[k] = 0.0
-            inv_s[k] = 0.0
-            vx[k] = 0.0
-            vy[k] = 0.0
+        _zero_pads(msk, s, inv_s, vx, vy, b0 + nh, b0 + max(n, nh + ru))
     kb, kbf, sf, inv_sf = w64[_KB], w32[_KBf], w32[_Sf], w32[_INVSf]
     _box(kxy, kb, w64[_VS64], b0, n, wp, ru, 1.0 / ((2 * r + 1) * (2 * r + 1)))
     mk = _U0
